@@ -16,7 +16,7 @@ import orjson
 
 from . import __version__
 from .admission import Admission, MemoryAdmission
-from .errors import ApiError, bad_gateway, error_body, unauthorized
+from .errors import ApiError, bad_gateway, error_body, forbidden, unauthorized
 from .keys import Identity, KeyStore
 from .logs import log_access
 from .protocol import (
@@ -290,6 +290,7 @@ class Gateway:
         parsed = parse_embeddings(body)
         model = parsed.model or self.upstreams.default_model("embedding")
         req.model, req.items = model, parsed.items
+        check_model_allowed(req, model)
         candidates_model = parsed.model  # an omitted model goes to the embedding replicas
         if parsed.changed:
             info = self.upstreams.model_info(model)
@@ -310,6 +311,7 @@ class Gateway:
         parsed = parse_rerank(body)
         model = parsed.model or self.upstreams.default_model("reranker")
         req.model, req.items = model, parsed.items
+        check_model_allowed(req, model)
         resp = await self.call_upstream(req, "reranker", parsed.model or model, "/v1/rerank",
                                         parsed.upstream_body(model))
         if resp.status != 200:
@@ -320,6 +322,12 @@ class Gateway:
             raise bad_gateway(f"The reranker upstream {resp.replica.url} answered something that is not a "
                               "rerank result.") from None
         return Response(200, out)
+
+
+def check_model_allowed(req: Request, model: str | None) -> None:
+    allowed = req.who.models if req.who else None
+    if allowed and model not in allowed:
+        raise forbidden(f"This API key may only use the models {', '.join(allowed)}; `{model}` is not among them.")
 
 
 class _ClientGone(Exception):

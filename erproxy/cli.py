@@ -7,7 +7,15 @@ import logging
 import sys
 from pathlib import Path
 
-from .keys import KeyFileError, ensure_key_file, read_records
+from .keys import (
+    KeyFileError,
+    create_key,
+    ensure_key_file,
+    parse_duration,
+    read_records,
+    revoke_key,
+    rotate_key,
+)
 from .logs import setup_logging
 from .settings import Settings, SettingsError
 
@@ -68,6 +76,62 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def keys_command(args: argparse.Namespace, settings: Settings) -> int:
+    from .audit import audit
+
+    path = Path(settings.api_keys_file)
+    try:
+        if args.keys_command == "init":
+            key = ensure_key_file(path, args.name)
+            if key is None:
+                print(f"{path} already exists; create more keys with: keys create --name NAME")
+                return 0
+            audit(settings, "init", args.name)
+            print_new_key(key, settings)
+            return 0
+        if args.keys_command == "create":
+            from limits import parse as parse_rate
+
+            if args.rate_limit:
+                parse_rate(args.rate_limit)
+            models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+            expires_in = parse_duration(args.expires_in) if args.expires_in else None
+            key, record = create_key(path, args.name, rate_limit=args.rate_limit, models=models,
+                                     expires_in=expires_in)
+            audit(settings, "create", record.name, prefix=record.prefix, rate_limit=record.rate_limit,
+                  models=record.models, expires=record.expires)
+            print(f"Created key {record.name!r} ({record.prefix}…). It is shown only now:\n\n    {key}\n")
+            return 0
+        if args.keys_command == "list":
+            records = read_records(path)
+            rows = [("NAME", "PREFIX", "CREATED", "EXPIRES", "RATE LIMIT", "MODELS", "STATUS")]
+            for rec in records:
+                status = "revoked" if rec.revoked else ("expired" if rec.expired() else "active")
+                rows.append((rec.name, rec.prefix + "…", rec.created, rec.expires or "never",
+                             rec.rate_limit or f"{settings.rate_limit} (default)", ",".join(rec.models or []) or "all",
+                             status))
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            for row in rows:
+                print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            return 0
+        if args.keys_command == "revoke":
+            record = revoke_key(path, args.ref)
+            audit(settings, "revoke", record.name, prefix=record.prefix)
+            print(f"Revoked key {record.name!r} ({record.prefix}…). Running gateways refuse it within a second.")
+            return 0
+        if args.keys_command == "rotate":
+            key, record = rotate_key(path, args.name)
+            audit(settings, "rotate", record.name, prefix=record.prefix)
+            print(f"Rotated key {record.name!r}; the old secret no longer works. New key, shown only now:\n\n"
+                  f"    {key}\n")
+            return 0
+    except (KeyFileError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="embedding_reranker_proxy.py",
@@ -75,6 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the gateway (default)")
+    keys = sub.add_parser("keys", help="manage API keys in API_KEYS_FILE (a running gateway picks changes up)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    c = ksub.add_parser("create", help="create a key and print it once")
+    c.add_argument("--name", required=True)
+    c.add_argument("--rate-limit", help="e.g. 300/minute (default: RATE_LIMIT)")
+    c.add_argument("--models", help="comma-separated allow-list of models (default: all)")
+    c.add_argument("--expires-in", help="e.g. 30d, 12h (default: never)")
+    ksub.add_parser("list", help="list keys (never shows the keys themselves)")
+    r = ksub.add_parser("revoke", help="revoke a key by name or prefix")
+    r.add_argument("ref", metavar="NAME|PREFIX")
+    o = ksub.add_parser("rotate", help="give a key a new secret, keeping its name and limits")
+    o.add_argument("name", metavar="NAME")
+    i = ksub.add_parser("init", help="create the key file with one key if it does not exist (prints the key)")
+    i.add_argument("--name", default="default")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -83,5 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in (None, "serve"):
         return serve(settings)
+    if args.command == "keys":
+        return keys_command(args, settings)
     parser.print_help()
     return 2

