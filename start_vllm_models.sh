@@ -157,7 +157,12 @@ start_one() {
     # processes vLLM forks along with the API server.
     local -a launcher=()
     command -v setsid >/dev/null 2>&1 && launcher=(setsid)
-    (cd "$ERP_ROOT" && exec env "${envs[@]}" "${launcher[@]}" "$VLLM_PY" "${ARGS[@]}") >> "$logf" 2>&1 < /dev/null &
+    # The scripts' own VLLM_* settings mean nothing to vLLM (it warns about unknown ones).
+    local -a unset_own=()
+    for v in VLLM_DEVICE VLLM_PYTHON VLLM_EXTRA_ARGS VLLM_HOST VLLM_START_TIMEOUT VLLM_STOP_TIMEOUT VLLM_CPU_VENV; do
+        unset_own+=(-u "$v")
+    done
+    (cd "$ERP_ROOT" && exec env "${unset_own[@]}" "${envs[@]}" "${launcher[@]}" "$VLLM_PY" "${ARGS[@]}") >> "$logf" 2>&1 < /dev/null &
     local pid=$!
     echo "$pid" > "$pf"
     STARTED_PID[$m]=$pid
@@ -181,6 +186,7 @@ while :; do
             echo >&2
             warn "$m: vLLM exited during start-up ($(( SECONDS - START_TS ))s). Last lines of $logf:"
             tail -n 40 "$logf" | sed 's/^/    /' >&2
+            kill -KILL -- "-$pid" 2>/dev/null || true   # engine processes left in its group
             rm -f "$(pid_file "$m")"
             FAILED+=" $m"
             READY[$m]=failed
@@ -188,13 +194,7 @@ while :; do
         fi
         if [[ "$(http_status "http://$HOST_FOR_CHECK:$port/health" 2)" == 200 ]]; then
             READY[$m]=ok
-            info="$(http_get "http://$HOST_FOR_CHECK:$port/v1/models" | python3 -c '
-import json, sys
-try:
-    d = json.load(sys.stdin)["data"][0]
-    print(f"model {d[\"id\"]}, max_model_len {d.get(\"max_model_len\")}")
-except Exception:
-    print("")' 2>/dev/null || true)"
+            info="$(served_model_summary "http://$HOST_FOR_CHECK:$port")"
             log "$m: ready after $(( SECONDS - START_TS ))s on http://$HOST_FOR_CHECK:$port ${info:+($info)}"
             continue
         fi

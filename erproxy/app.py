@@ -93,8 +93,9 @@ class Gateway:
 
     def __init__(self, settings: Settings, admission: Admission | None = None) -> None:
         self.settings = settings
-        self.keys = KeyStore(settings.api_keys_file, settings.access_token)
         self.admission: Admission = admission or make_admission(settings)
+        self.keys = KeyStore(settings.api_keys_file, settings.access_token,
+                             revoked_elsewhere=lambda: getattr(self.admission, "revoked_hashes", frozenset()))
         self.upstreams = Upstreams(
             settings.embedding_upstreams, settings.reranker_upstreams,
             timeout=settings.timeout, pool_size=settings.max_concurrent_requests,
@@ -343,7 +344,8 @@ def make_admission(settings: Settings) -> Admission:
     if settings.redis_url:
         from .redis_admission import RedisAdmission
 
-        return RedisAdmission(settings.redis_url, settings.rate_limit, settings.max_concurrent_requests)
+        return RedisAdmission(settings.redis_url, settings.rate_limit, settings.max_concurrent_requests,
+                              fail_open=settings.redis_fail_open)
     return MemoryAdmission(settings.rate_limit, settings.max_concurrent_requests)
 
 
@@ -353,4 +355,8 @@ def create_app(settings: Settings) -> Gateway:
 
 def app_from_env() -> Gateway:
     """Factory for uvicorn workers (`--factory`): each worker process reads the same environment."""
-    return create_app(Settings.from_env())
+    from .logs import setup_logging
+
+    settings = Settings.from_env()
+    setup_logging(settings)
+    return create_app(settings)

@@ -65,7 +65,7 @@ def serve(settings: Settings) -> int:
     common = dict(
         host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
         access_log=False, log_level=settings.log_level, timeout_keep_alive=int(settings.keep_alive),
-        server_header=False, log_config=None,
+        server_header=False, log_config=None, timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
     )
     if settings.workers > 1:
         uvicorn.run("erproxy.app:app_from_env", factory=True, workers=settings.workers, **common)
@@ -74,6 +74,21 @@ def serve(settings: Settings) -> int:
 
         uvicorn.run(create_app(settings), **common)
     return 0
+
+
+def share_revocation(settings: Settings, key_hash: str) -> None:
+    """With REDIS_URL, also revoke through Redis so instances on other hosts refuse the key at once."""
+    if not settings.redis_url:
+        return
+    import asyncio
+
+    from .redis_admission import publish_revocation
+
+    try:
+        asyncio.run(publish_revocation(settings.redis_url, key_hash))
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: the key file is updated, but Redis could not be told ({e}); instances on other "
+              "hosts keep accepting the old key until their key file is updated too", file=sys.stderr)
 
 
 def keys_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -117,11 +132,13 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
         if args.keys_command == "revoke":
             record = revoke_key(path, args.ref)
             audit(settings, "revoke", record.name, prefix=record.prefix)
+            share_revocation(settings, record.hash)
             print(f"Revoked key {record.name!r} ({record.prefix}…). Running gateways refuse it within a second.")
             return 0
         if args.keys_command == "rotate":
-            key, record = rotate_key(path, args.name)
+            key, record, old_hash = rotate_key(path, args.name)
             audit(settings, "rotate", record.name, prefix=record.prefix)
+            share_revocation(settings, old_hash)
             print(f"Rotated key {record.name!r}; the old secret no longer works. New key, shown only now:\n\n"
                   f"    {key}\n")
             return 0

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
 
@@ -179,9 +179,11 @@ class Identity:
 class KeyStore:
     """In-memory view of the key file, refreshed when the file changes."""
 
-    def __init__(self, path: str | Path, access_token: str | None = None) -> None:
+    def __init__(self, path: str | Path, access_token: str | None = None,
+                 revoked_elsewhere: Callable[[], frozenset[str]] | None = None) -> None:
         self.path = Path(path)
         self._access_token = access_token
+        self._revoked_elsewhere = revoked_elsewhere or frozenset
         self._by_hash: dict[str, KeyRecord] = {}
         self._identities: dict[str, Identity] = {}
         self._stamp: tuple[int, int, int] | None = None
@@ -223,7 +225,7 @@ class KeyStore:
         record = self._by_hash.get(h)
         if record is None:
             return "Invalid API key. Check the key you pass as 'Authorization: Bearer <key>' or '?api_key='."
-        if record.revoked:
+        if record.revoked or h in self._revoked_elsewhere():
             return f"API key {record.prefix}… has been revoked. Ask the operator for a new key."
         if record.expired():
             return f"API key {record.prefix}… expired at {record.expires}. Ask the operator for a new key."
@@ -287,13 +289,17 @@ def revoke_key(path: Path, ref: str) -> KeyRecord:
         return record
 
 
-def rotate_key(path: Path, name: str) -> tuple[str, KeyRecord]:
-    """Replace a key's secret, keeping its name, limits and models; the old secret stops working."""
+def rotate_key(path: Path, name: str) -> tuple[str, KeyRecord, str]:
+    """Replace a key's secret, keeping its name, limits and models; the old secret stops working.
+
+    Returns (new plaintext key, record, hash of the old secret).
+    """
     with locked(path):
         records = read_records(path)
         record = _find(records, name)
+        old_hash = record.hash
         key = generate_key()
         record.hash, record.prefix, record.revoked = hash_key(key), display_prefix(key), False
         record.extra["rotated_at"] = utc_now()
         write_key_file(path, records)
-        return key, record
+        return key, record, old_hash

@@ -145,8 +145,15 @@ SPECS: tuple[Spec, ...] = (
     Spec("HEALTH_INTERVAL", "10", _float("HEALTH_INTERVAL", 0), "Seconds between active health checks of each upstream."),
     Spec("LOG_DIR", "logs", _text, "Directory of embedding_reranker_proxy.log."),
     Spec("LOG_LEVEL", "INFO", _choice("LOG_LEVEL", ("debug", "info", "warning", "error")), "Log level."),
-    Spec("LOG_FORMAT", "%(asctime)s %(levelname)s %(name)s %(message)s", _text, "Python logging format of log lines."),
+    Spec("LOG_FORMAT", "%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s", _text, "Python logging format of log lines."),
+    Spec("LOG_JSON", "false", _bool("LOG_JSON"), "Write access log lines as JSON objects."),
+    Spec("LOG_MAX_BYTES", "20MiB", _size("LOG_MAX_BYTES"), "Size at which the log file is rotated."),
+    Spec("LOG_BACKUPS", "5", _int("LOG_BACKUPS", 1, 1000), "Rotated log files kept."),
     Spec("REDIS_URL", "", _optional, "Redis shared by workers/instances for limits (unset = in-process state)."),
+    Spec("REDIS_FAIL_OPEN", "false", _bool("REDIS_FAIL_OPEN"),
+         "When Redis is unreachable: false = answer 503, true = admit under per-process limits."),
+    Spec("SHUTDOWN_GRACE", "30", _float("SHUTDOWN_GRACE", 0),
+         "Seconds SIGTERM waits for in-flight requests before closing connections."),
 )
 
 _BY_NAME = {s.env: s for s in SPECS}
@@ -177,7 +184,12 @@ class Settings:
     log_dir: str
     log_level: str
     log_format: str
+    log_json: bool
+    log_max_bytes: int
+    log_backups: int
     redis_url: str | None
+    redis_fail_open: bool
+    shutdown_grace: float
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -210,11 +222,41 @@ class Settings:
     def validate(self) -> None:
         if self.workers > 1 and not self.redis_url:
             raise SettingsError(
-                f"WORKERS={self.workers} needs REDIS_URL: without a shared Redis each worker process would "
-                "keep its own rate limits and concurrency count, so clients would get WORKERS times the limits. "
+                f"WORKERS={self.workers} needs REDIS_URL: without a shared Redis the limits would be per process "
+                "(each worker keeping its own rate limits and concurrency count), so clients would get up to "
+                "WORKERS times the configured limits. "
                 "Set REDIS_URL=redis://host:6379/0 or use WORKERS=1."
             )
 
 
 def spec(env: str) -> Spec:
     return _BY_NAME[env]
+
+
+def env_example_block() -> str:
+    lines = []
+    for s in SPECS:
+        value = f'"{s.default}"' if any(c in s.default for c in " %#") else s.default
+        lines += [f"# {s.help}", f"{'#' if not s.default else ''}{s.env}={value}", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def markdown_table() -> str:
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for s in SPECS:
+        d = s.default.replace("|", "\\|")
+        rows.append(f"| `{s.env}` | {'`' + d + '`' if d else '(unset)'} | {s.help} |")
+    return "\n".join(rows) + "\n"
+
+
+def _replace_block(path: Path, name: str, body: str, comment: tuple[str, str]) -> None:
+    start, end = f"{comment[0]} {name}:start {comment[1]}".strip(), f"{comment[0]} {name}:end {comment[1]}".strip()
+    text = path.read_text()
+    i, j = text.index(start) + len(start), text.index(end)
+    path.write_text(text[:i] + "\n" + body + text[j:])
+
+
+if __name__ == "__main__":  # python -m erproxy.settings: refresh .env.example and the README table
+    root = Path(__file__).resolve().parents[1]
+    _replace_block(root / ".env.example", "gateway", env_example_block(), ("#", ""))
+    _replace_block(root / "README.md", "config-table", markdown_table(), ("<!--", "-->"))

@@ -3,7 +3,8 @@
 # check_models_status.sh and scripts/setup_vllm_cpu.sh.  Sourced, never executed.
 #
 # Configuration comes from the environment first, then from `.env` in the repository root
-# (a value already set in the environment always wins), then from the defaults below.
+# (ENV_FILE names another file; ENV_FILE= disables it; a value already set in the environment
+# always wins), then from the defaults below.
 
 # Repository root: the directory above scripts/.
 ERP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,8 +26,8 @@ load_dotenv() {
         # trim surrounding whitespace
         value="${value#"${value%%[![:space:]]*}"}"
         value="${value%"${value##*[![:space:]]}"}"
-        if [[ "$value" =~ ^\"(.*)\"$ ]] || [[ "$value" =~ ^\'(.*)\'$ ]]; then
-            value="${BASH_REMATCH[1]}"
+        if [[ "$value" =~ ^\"([^\"]*)\" ]] || [[ "$value" =~ ^\'([^\']*)\' ]]; then
+            value="${BASH_REMATCH[1]}"   # quoted: anything after the closing quote is ignored
         else
             # unquoted: drop an inline comment (" # ...")
             value="${value%%[[:space:]]#*}"
@@ -37,7 +38,12 @@ load_dotenv() {
     done < "$file"
 }
 
-load_dotenv "${ERP_ENV_FILE:-$ERP_ROOT/.env}"
+# ENV_FILE picks the file as for the gateway (default .env in the repository root; empty: none).
+ERP_ENV_FILE="${ENV_FILE-$ERP_ROOT/.env}"
+if [[ -n "$ERP_ENV_FILE" && "$ERP_ENV_FILE" != /* && ! -f "$ERP_ENV_FILE" ]]; then
+    ERP_ENV_FILE="$ERP_ROOT/$ERP_ENV_FILE"
+fi
+[[ -n "$ERP_ENV_FILE" ]] && load_dotenv "$ERP_ENV_FILE"
 
 # ---- defaults -------------------------------------------------------------------------------
 : "${LOG_DIR:=logs}"
@@ -265,4 +271,17 @@ last_log_line() {
     local width="${2:-110}"
     if (( ${#line} > width )); then line="${line:0:width}..."; fi
     printf '%s' "$line"
+}
+
+# served_model_summary BASE_URL: "model NAME, max_model_len N" from /v1/models (or nothing).
+served_model_summary() {
+    local body; body="$(http_get "$1/v1/models" 5)"
+    [[ -n "$body" ]] || return 0
+    python3 -c '
+import json, sys
+try:
+    d = json.loads(sys.argv[1])["data"][0]
+    print("model %s, max_model_len %s" % (d["id"], d.get("max_model_len")))
+except Exception:
+    pass' "$body" 2>/dev/null || true
 }

@@ -1,0 +1,198 @@
+"""A fast fake vLLM embedding server for the benchmark: raw asyncio (uvloop when available) HTTP/1.1.
+
+It answers, on keep-alive connections:
+  POST /v1/embeddings  a fixed, realistic ~20 KB vLLM embeddings body (one 1024-dim float vector,
+                       compact JSON as vLLM writes it) after a fixed delay (default 2 ms);
+  GET  /health         200 with an empty body;
+  GET  /v1/models      the recorded vLLM model list, with the model id `bench-embed`;
+  anything else        404 JSON.
+The request body is read (Content-Length or chunked) and ignored, so the upstream costs the same for
+every proxy in front of it. Kept deliberately tiny so that nearly all of core 0 is left to the proxy.
+
+Run: python bench/fast_upstream.py --port N [--delay-ms 2] [--dim 1024] [--model bench-embed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import struct
+import time
+from pathlib import Path
+
+FIXTURES = Path(os.environ.get(
+    "VLLM_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vllm-0.32-cpu"))
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def embeddings_body(model: str, dim: int) -> bytes:
+    """vLLM's compact JSON for one embedding: the recorded 384-float vector, extended to `dim` floats
+    (deterministic pseudo-random float32 values of the same magnitude), L2-normalised."""
+    vec: list[float] = []
+    try:
+        rec = json.loads((FIXTURES / "embed_float_single.json").read_text())
+        vec = list(rec["response"]["data"][0]["embedding"])
+    except (OSError, KeyError, ValueError):
+        pass
+    rng = random.Random(1024)
+    while len(vec) < dim:
+        vec.append(rng.gauss(0.0, 1.0 / math.sqrt(384)))
+    vec = vec[:dim]
+    norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+    vec = [_f32(x / norm) for x in vec]
+    doc = {"id": "embd-b3c1f2a4d5e6f708", "object": "list", "created": int(time.time()), "model": model,
+           "data": [{"index": 0, "object": "embedding", "embedding": vec}],
+           "usage": {"prompt_tokens": 4, "total_tokens": 4, "completion_tokens": 0,
+                     "prompt_tokens_details": None, "completion_tokens_details": None}}
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def models_body(model: str) -> bytes:
+    try:
+        doc = json.loads((FIXTURES / "embed_models.json").read_text())["response"]
+    except (OSError, KeyError, ValueError):
+        doc = {"object": "list", "data": [{"id": model, "object": "model", "created": int(time.time()),
+                                           "owned_by": "vllm", "root": model, "parent": None,
+                                           "max_model_len": 8192, "permission": []}]}
+    doc["data"] = doc["data"][:1]
+    doc["data"][0]["id"] = model
+    doc["data"][0]["root"] = f"/models/{model}"
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def response(status: str, body: bytes, content_type: bytes = b"application/json") -> bytes:
+    return (b"HTTP/1.1 " + status.encode() + b"\r\ndate: Thu, 01 Jan 2026 00:00:00 GMT\r\nserver: uvicorn\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\ncontent-type: " + content_type + b"\r\n\r\n"
+            + body)
+
+
+class Server:
+    def __init__(self, model: str, dim: int, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.embed = response("200 OK", embeddings_body(model, dim))
+        self.models = response("200 OK", models_body(model))
+        self.health = response("200 OK", b"", b"text/plain; charset=utf-8")
+        self.not_found = response("404 Not Found", b'{"detail":"Not Found"}')
+        self.bad = response("400 Bad Request", b'{"detail":"Bad Request"}')
+
+
+class HTTP(asyncio.Protocol):
+    __slots__ = ("srv", "loop", "transport", "buf", "closing")
+
+    def __init__(self, srv: Server, loop: asyncio.AbstractEventLoop) -> None:
+        self.srv, self.loop = srv, loop
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while self.buf and not self.closing:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end].decode("latin-1")
+            lines = head.split("\r\n")
+            try:
+                method, target, version = lines[0].split(" ", 2)
+            except ValueError:
+                self._send(self.srv.bad, close=True)
+                return
+            headers = {}
+            for line in lines[1:]:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+            pos = end + 4
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                while True:  # skip the chunked body; wait for more data if incomplete
+                    eol = self.buf.find(b"\r\n", pos)
+                    if eol < 0:
+                        return
+                    size = int(self.buf[pos:eol].split(b";")[0] or b"0", 16)
+                    if size == 0:
+                        tail = self.buf.find(b"\r\n\r\n", eol)
+                        if self.buf[eol:eol + 4] == b"\r\n\r\n":
+                            pos = eol + 4
+                            break
+                        if tail < 0:
+                            return
+                        pos = tail + 4
+                        break
+                    if len(self.buf) < eol + 2 + size + 2:
+                        return
+                    pos = eol + 2 + size + 2
+            else:
+                length = int(headers.get("content-length", "0") or 0)
+                if len(self.buf) < pos + length:
+                    return
+                pos += length
+            self.buf = self.buf[pos:]
+            close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
+            path = target.split("?", 1)[0]
+            if method == "POST" and path == "/v1/embeddings":
+                if self.srv.delay_s > 0:
+                    self.loop.call_later(self.srv.delay_s, self._send, self.srv.embed, close)
+                else:
+                    self._send(self.srv.embed, close)
+            elif method == "GET" and path == "/health":
+                self._send(self.srv.health, close)
+            elif method == "GET" and path == "/v1/models":
+                self._send(self.srv.models, close)
+            else:
+                self._send(self.srv.not_found, close)
+            if close:
+                self.closing = True
+
+    def _send(self, data: bytes, close: bool = False) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.write(data)
+        if close:
+            t.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--delay-ms", type=float, default=2.0)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--model", default="bench-embed")
+    a = p.parse_args()
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    srv = Server(a.model, a.dim, a.delay_ms / 1000.0)
+    server = loop.run_until_complete(
+        loop.create_server(lambda: HTTP(srv, loop), a.host, a.port, backlog=4096, reuse_address=True))
+    stop = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    print(f"fast upstream on http://{a.host}:{a.port} (embeddings body {len(srv.embed)} bytes, "
+          f"delay {a.delay_ms} ms)", flush=True)
+    loop.run_until_complete(stop)
+    server.close()
+    loop.close()
+
+
+if __name__ == "__main__":
+    main()
