@@ -7,6 +7,7 @@ module. Plain ASGI (no BaseHTTPMiddleware): every layer on the hot path costs th
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -19,6 +20,7 @@ from .admission import Admission, MemoryAdmission
 from .errors import ApiError, bad_gateway, error_body, forbidden, unauthorized
 from .keys import Identity, KeyStore
 from .logs import log_access
+from .metrics import Metrics, prompt_tokens
 from .protocol import (
     apply_query_instruction,
     build_rerank_response,
@@ -43,7 +45,7 @@ KEY_RELOAD_INTERVAL_S = 0.5
 class Request:
     """What the handlers need to know of one HTTP request, plus what the access log records."""
 
-    __slots__ = ("scope", "receive", "path", "method", "who", "model", "items", "upstream", "start")
+    __slots__ = ("scope", "receive", "path", "method", "who", "model", "items", "upstream", "upstream_s", "start")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
@@ -54,6 +56,7 @@ class Request:
         self.model: str | None = None
         self.items: int | None = None
         self.upstream: str | None = None
+        self.upstream_s = 0.0
         self.start = time.perf_counter()
 
     def header(self, name: bytes) -> bytes | None:
@@ -102,23 +105,27 @@ class Gateway:
             health_interval=settings.health_interval,
             default_models={"embedding": settings.embedding_model, "reranker": settings.reranker_model},
         )
+        self.metrics = Metrics()
         self.started = False
         self._tasks: list[asyncio.Task[None]] = []
         self.routes: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {
             "/health": {"GET": self.health},
+            "/metrics": {"GET": self.metrics_route},
             "/v1/models": {"GET": self.models},
             "/v1/embeddings": {"POST": self.embeddings},
             "/embeddings": {"POST": self.embeddings},
             **{p: {"POST": self.rerank} for p in RERANK_PATHS},
         }
-        self.public = {"/health"}
+        self.public = {"/health", "/metrics"}  # /metrics checks METRICS_TOKEN itself
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def startup(self) -> None:
         self.keys.load()
         await self.admission.start()
         await self.upstreams.start()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._watch_keys()))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._watch_keys()))
+        self._tasks.append(loop.create_task(self.metrics.refresh_loop(self.upstreams)))
         self.started = True
 
     async def shutdown(self) -> None:
@@ -173,14 +180,24 @@ class Gateway:
             log.exception("unhandled error on %s %s", req.method, req.path)
             response = Response(500, error_body("Internal gateway error; see the gateway log.",
                                                 "server_error", "internal_error"))
+        total = time.perf_counter() - req.start
+        response.headers.append((b"server-timing", (
+            f"gateway;dur={(total - req.upstream_s) * 1000:.3f}, upstream;dur={req.upstream_s * 1000:.3f}").encode()))
         await send({"type": "http.response.start", "status": response.status, "headers": response.headers})
         await send({"type": "http.response.body", "body": response.body})
         self.record(req, response.status)
 
     def record(self, req: Request, status: int) -> None:
+        total = time.perf_counter() - req.start
         who = req.who.name if req.who else "-"
+        route = req.path if req.path in self.routes else "other"
+        if route != "/metrics":
+            m = self.metrics
+            m.requests.labels(route, req.model or "-", str(status), who).inc()
+            m.duration.labels(route).observe(total)
+            m.overhead.labels(route).observe(max(0.0, total - req.upstream_s))
         log_access(who=who, method=req.method, route=req.path, model=req.model, items=req.items, status=status,
-                   latency_ms=(time.perf_counter() - req.start) * 1000, upstream=req.upstream)
+                   latency_ms=total * 1000, upstream=req.upstream)
 
     async def dispatch(self, req: Request) -> Response:
         methods = self.routes.get(req.path)
@@ -205,11 +222,23 @@ class Gateway:
         if isinstance(who, str):
             raise unauthorized(who)
         req.who = who
-        await self.admission.check_rate(who)
-        slot = await self.admission.acquire()
+        try:
+            await self.admission.check_rate(who)
+        except ApiError as e:
+            if e.status == 429:
+                self.metrics.rejections.labels("rate_limit").inc()
+            raise
+        try:
+            slot = await self.admission.acquire()
+        except ApiError as e:
+            if e.status == 429:
+                self.metrics.rejections.labels("concurrency").inc()
+            raise
+        self.metrics.in_flight.inc()
         try:
             return await handler(req)
         finally:
+            self.metrics.in_flight.dec()
             await self.admission.release(slot)
 
     async def read_body(self, req: Request) -> bytes:
@@ -248,6 +277,7 @@ class Gateway:
                     return
 
         watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        t0 = time.perf_counter()
         try:
             resp = await self.upstreams.post(kind, model, path, body)
         except asyncio.CancelledError:
@@ -256,7 +286,9 @@ class Gateway:
             raise
         finally:
             watcher.cancel()
+            req.upstream_s = time.perf_counter() - t0
         req.upstream = resp.replica.url
+        self.metrics.upstream_duration.labels(kind, resp.replica.url).observe(req.upstream_s)
         return resp
 
     # ---- routes ----------------------------------------------------------------------------------
@@ -274,6 +306,16 @@ class Gateway:
         if degraded:
             doc["unavailable"] = degraded
         return json_response(doc, 503 if degraded else 200)
+
+    async def metrics_route(self, req: Request) -> Response:
+        token = self.settings.metrics_token
+        if token:
+            given = req.api_key() or ""
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                raise unauthorized("GET /metrics needs METRICS_TOKEN as 'Authorization: Bearer <token>'.",
+                                   code="invalid_metrics_token")
+        body, ctype = self.metrics.render(self.upstreams)
+        return Response(200, body, [(b"content-type", ctype.encode())])
 
     async def models(self, req: Request) -> Response:
         data: dict[str, dict[str, Any]] = {}
@@ -305,6 +347,11 @@ class Gateway:
             raise upstream_error(resp, "embedding")
         if not (resp.body.startswith(b"{") and resp.body.rstrip().endswith(b"}")):
             raise bad_gateway(f"The embedding upstream {resp.replica.url} answered something that is not JSON.")
+        label = model or "-"
+        self.metrics.inputs.labels(label).inc(parsed.items)
+        tokens = prompt_tokens(resp.body)
+        if tokens:
+            self.metrics.tokens.labels(label, "embedding").inc(tokens)
         return Response(200, resp.body)
 
     async def rerank(self, req: Request) -> Response:
@@ -318,10 +365,14 @@ class Gateway:
         if resp.status != 200:
             raise upstream_error(resp, "reranker")
         try:
-            out, _usage = build_rerank_response(parsed, resp.body, model)
+            out, usage = build_rerank_response(parsed, resp.body, model)
         except (ValueError, KeyError, TypeError):
             raise bad_gateway(f"The reranker upstream {resp.replica.url} answered something that is not a "
                               "rerank result.") from None
+        label = model or "-"
+        self.metrics.documents.labels(label).inc(parsed.items)
+        if isinstance(usage.get("prompt_tokens"), int):
+            self.metrics.tokens.labels(label, "reranker").inc(usage["prompt_tokens"])
         return Response(200, out)
 
 

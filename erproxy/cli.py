@@ -38,6 +38,17 @@ def print_new_key(key: str, settings: Settings) -> None:
     )
 
 
+def prepare_multiprocess_metrics(settings: Settings) -> None:
+    """An empty directory shared by the workers' metric files (must be set before they import prometheus)."""
+    import os
+    import shutil
+
+    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or Path(settings.log_dir) / f".metrics-{settings.port}")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
@@ -68,6 +79,7 @@ def serve(settings: Settings) -> int:
         server_header=False, log_config=None, timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
     )
     if settings.workers > 1:
+        prepare_multiprocess_metrics(settings)
         uvicorn.run("erproxy.app:app_from_env", factory=True, workers=settings.workers, **common)
     else:
         from .app import create_app

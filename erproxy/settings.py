@@ -143,6 +143,7 @@ SPECS: tuple[Spec, ...] = (
          "Requests served at once; more get 429 concurrency_limit_exceeded."),
     Spec("MAX_BODY_BYTES", "16MiB", _size("MAX_BODY_BYTES"), "Largest request body accepted; more gets 413."),
     Spec("HEALTH_INTERVAL", "10", _float("HEALTH_INTERVAL", 0), "Seconds between active health checks of each upstream."),
+    Spec("METRICS_TOKEN", "", _optional, "If set, GET /metrics needs it as a bearer token (else /metrics is open)."),
     Spec("LOG_DIR", "logs", _text, "Directory of embedding_reranker_proxy.log."),
     Spec("LOG_LEVEL", "INFO", _choice("LOG_LEVEL", ("debug", "info", "warning", "error")), "Log level."),
     Spec("LOG_FORMAT", "%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s", _text, "Python logging format of log lines."),
@@ -181,6 +182,7 @@ class Settings:
     max_concurrent_requests: int
     max_body_bytes: int
     health_interval: float
+    metrics_token: str | None
     log_dir: str
     log_level: str
     log_format: str

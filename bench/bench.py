@@ -1,0 +1,804 @@
+"""Load benchmark of the gateway against direct access, nginx and LiteLLM's proxy (see bench/README.md).
+
+Run through bench/run.sh, which installs wrk, nginx, redis-server and LiteLLM first. Everything
+listens on 127.0.0.1; the fake upstream and every proxy run on core 0 (`taskset -c 0`), wrk and this
+script on core 1. Every process started here is in its own process group, killed on exit (also on
+Ctrl-C, SIGTERM or an error), and listed in $BENCH_PGID_FILE so that run.sh's trap can kill what a
+hard-killed Python left behind.
+
+Results: bench/results/latest.{json,md} and a timestamped copy under bench/results/runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+VENV_PY = Path(os.environ.get("BENCH_GATEWAY_PYTHON", ROOT / ".venv" / "bin" / "python"))
+LITELLM_VENV = Path(os.environ.get("BENCH_LITELLM_VENV", Path.home() / ".cache" / "erproxy" / "litellm-venv"))
+PROXY_CPU = os.environ.get("BENCH_PROXY_CPU", "0")
+LOAD_CPU = os.environ.get("BENCH_LOAD_CPU", "1")
+MODEL = "bench-embed"
+BODY = '{"model": "bench-embed", "input": "hello world"}'
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# Targets reported (not asserted); see issue 6 and bench/README.md.
+TARGET_ADDED_P50_MS = 0.3
+TARGET_ADDED_P99_MS = 1.0
+TARGET_VS_NGINX = 0.5
+TARGET_VS_LITELLM = 50.0
+TARGET_RSS_MB = 150.0
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: str | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method=method, data=body.encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def tail(path: Path, n: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+# ---- processes ---------------------------------------------------------------------------------
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+class Procs:
+    """Every process the benchmark starts: own session (process group), pinned, killed on exit."""
+
+    def __init__(self, workdir: Path, pgid_file: Path | None) -> None:
+        self.workdir = workdir
+        self.pgid_file = pgid_file
+        self.procs: list[Proc] = []
+        self.lock = threading.Lock()
+
+    def _write_pgids(self) -> None:
+        if self.pgid_file:
+            self.pgid_file.write_text("".join(f"{p.pid}\n" for p in self.procs if p.alive()))
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, cpu: str | None = PROXY_CPU,
+              cwd: Path = ROOT) -> Proc:
+        log_path = self.workdir / f"{name}.log"
+        full = (["taskset", "-c", cpu] if cpu is not None else []) + cmd
+        with self.lock:
+            popen = subprocess.Popen(full, cwd=cwd, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = Proc(name, popen, log_path)
+            self.procs.append(proc)
+            self._write_pgids()
+        return proc
+
+    def stop(self, proc: Proc, timeout: float = 8.0) -> None:
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.popen.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+            # the group leader is gone; make sure nothing of its group lingers (nginx, uvicorn workers)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            break
+        with self.lock:
+            if proc in self.procs:
+                self.procs.remove(proc)
+            self._write_pgids()
+
+    def stop_all(self) -> None:
+        for proc in list(reversed(self.procs)):
+            self.stop(proc, timeout=5.0)
+
+
+def children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree(pid: int) -> list[int]:
+    kids = children_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, ()))
+    return out
+
+
+def proc_stats(pid: int) -> tuple[int, float] | None:
+    """(RSS bytes, CPU seconds) of one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        statm = Path(f"/proc/{pid}/statm").read_text()
+    except OSError:
+        return None
+    f = stat[stat.rfind(")") + 2:].split()
+    return int(statm.split()[1]) * PAGE, (int(f[11]) + int(f[12])) / CLK_TCK
+
+
+class TreeSampler:
+    """Samples the RSS of a process tree during a run (max of the sum, max of one process) and its CPU."""
+
+    def __init__(self, pid: int | None, interval: float = 0.5) -> None:
+        self.pid, self.interval = pid, interval
+        self.max_rss = 0
+        self.max_proc_rss = 0
+        self.nprocs = 0
+        self.cpu0 = self._cpu()
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _cpu(self) -> float:
+        if self.pid is None:
+            return 0.0
+        return sum(s[1] for p in tree(self.pid) if (s := proc_stats(p)))
+
+    def sample(self) -> None:
+        if self.pid is None:
+            return
+        stats = [s for p in tree(self.pid) if (s := proc_stats(p))]
+        if stats:
+            self.max_rss = max(self.max_rss, sum(s[0] for s in stats))
+            self.max_proc_rss = max(self.max_proc_rss, max(s[0] for s in stats))
+            self.nprocs = max(self.nprocs, len(stats))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "TreeSampler":
+        self.cpu0 = self._cpu()
+        self.t0 = time.monotonic()
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.cpu_pct = None if self.pid is None else round(
+            100.0 * (self._cpu() - self.cpu0) / max(time.monotonic() - self.t0, 1e-6), 1)
+
+
+# ---- load generator ------------------------------------------------------------------------------
+
+def run_wrk(url: str, conns: int, duration: float, timeout_s: float, auth: str = "", body: str = BODY,
+            path: str = "/v1/embeddings") -> dict[str, Any]:
+    env = {**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth, "BENCH_PATH": path}
+    cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s",
+           f"--timeout", f"{timeout_s:g}s", "-s", str(BENCH / "post.lua"), url]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=duration + timeout_s + 30)
+    except BaseException:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        raise
+    m = re.search(r"^BENCH_JSON (\{.*\})$", out, re.M)
+    if not m:
+        raise RuntimeError(f"wrk gave no result (exit {p.returncode}): {out[-800:]}")
+    r = json.loads(m.group(1))
+    r["rps"] = round(r["requests"] / (r["duration_us"] / 1e6), 1) if r["duration_us"] else 0.0
+    r["socket_errors"] = r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"]
+    return r
+
+
+# ---- targets ---------------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """One system under test: how to start it, the URL wrk hits, the key, the process to measure."""
+
+    name: str
+    label: str
+    start: Callable[["Bench"], None]
+    url: str = ""
+    auth: str = ""
+    body: str = BODY
+    proc: Proc | None = None
+    extra: list[Proc] = field(default_factory=list)
+    note: str = ""
+    connections: list[int] | None = None
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float, proc: Proc | None = None,
+               interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{what}: process exited with {proc.popen.returncode}: {tail(proc.log_path)}")
+        try:
+            if check():
+                return
+        except (OSError, urllib.error.URLError) as e:
+            last = e
+        time.sleep(interval)
+    extra = f"; log: {tail(proc.log_path)}" if proc is not None else ""
+    raise TimeoutError(f"{what}: not ready within {timeout:g}s (last error: {last}){extra}")
+
+
+def post_ok(url: str, auth: str, body: str = BODY, timeout: float = 10.0) -> bool:
+    status, _ = http("POST", url + "/v1/embeddings", body, {"Authorization": f"Bearer {auth}"} if auth else {},
+                     timeout=timeout)
+    return status == 200
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        pgid_file = os.environ.get("BENCH_PGID_FILE")
+        self.procs = Procs(workdir, Path(pgid_file) if pgid_file else None)
+        self.token = "bench-" + secrets.token_urlsafe(24)
+        self.upstream_url = ""
+        self.upstream: Proc | None = None
+        self.rows: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+
+    # -- the fake upstream --
+    def start_upstream(self) -> None:
+        port = free_port()
+        self.upstream = self.procs.start("fast_upstream", [
+            str(VENV_PY), str(BENCH / "fast_upstream.py"), "--port", str(port), "--delay-ms",
+            str(self.args.upstream_delay_ms)])
+        self.upstream_url = f"http://127.0.0.1:{port}"
+        wait_until("fast upstream", lambda: http("GET", self.upstream_url + "/health")[0] == 200, 20,
+                   self.upstream)
+
+    # -- the systems under test --
+    def start_direct(self, t: Target) -> None:
+        t.url = self.upstream_url
+
+    def gateway_env(self, upstream: str, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
+        env.update({
+            "ENV_FILE": "", "HOST": "127.0.0.1", "PORT": str(free_port()),
+            "EMBEDDING_UPSTREAMS": upstream, "RERANKER_UPSTREAMS": upstream,
+            "API_KEYS_FILE": str(self.workdir / f"keys-{secrets.token_hex(4)}.json"),
+            "LOG_DIR": str(self.workdir / "gateway-logs"), "RATE_LIMIT": "100000000/minute",
+            "MAX_CONCURRENT_REQUESTS": "1000", "LOG_LEVEL": "warning", "ACCESS_TOKEN": self.token,
+        })
+        env.update(extra)
+        return env
+
+    def _start_gateway(self, t: Target, name: str, env: dict[str, str], timeout: float = 60.0) -> None:
+        t.proc = self.procs.start(name, [str(VENV_PY), str(ROOT / "embedding_reranker_proxy.py")], env=env)
+        t.url = f"http://127.0.0.1:{env['PORT']}"
+        t.auth = self.token
+        wait_until(f"{name} /health", lambda: http("GET", t.url + "/health")[0] == 200, timeout, t.proc)
+        wait_until(f"{name} embeddings", lambda: post_ok(t.url, t.auth, t.body), 30, t.proc, interval=0.3)
+
+    def start_gateway1(self, t: Target) -> None:
+        self._start_gateway(t, "gateway-1w", self.gateway_env(self.upstream_url, WORKERS="1"))
+
+    def start_gateway2(self, t: Target) -> None:
+        rport = free_port()
+        redis = self.procs.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(rport),
+                                           "--save", "", "--appendonly", "no", "--daemonize", "no",
+                                           "--protected-mode", "no", "--dir", str(self.workdir)])
+        t.extra.append(redis)
+        wait_until("redis", lambda: _redis_ping(rport), 15, redis)
+        t.note = "2 workers + Redis on core 0"
+        self._start_gateway(t, "gateway-2w-redis", self.gateway_env(
+            self.upstream_url, WORKERS="2", REDIS_URL=f"redis://127.0.0.1:{rport}/0"))
+
+    def start_nginx(self, t: Target) -> None:
+        if not shutil.which("nginx"):
+            raise RuntimeError("nginx is not installed")
+        port = free_port()
+        d = self.workdir / "nginx"
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        up = self.upstream_url.removeprefix("http://")
+        conf = d / "nginx.conf"
+        conf.write_text(textwrap.dedent(f"""\
+            # generated by bench/bench.py: 1 worker, upstream keep-alive
+            worker_processes 1;
+            daemon off;
+            pid {d}/nginx.pid;
+            error_log {d}/error.log warn;
+            worker_rlimit_nofile 65536;
+            events {{ worker_connections 8192; }}
+            http {{
+                access_log off;
+                client_body_temp_path {d}/client_body;
+                proxy_temp_path {d}/proxy;
+                fastcgi_temp_path {d}/fastcgi;
+                uwsgi_temp_path {d}/uwsgi;
+                scgi_temp_path {d}/scgi;
+                keepalive_requests 1000000;
+                keepalive_timeout 75s;
+                upstream fake {{
+                    server {up};
+                    keepalive 64;
+                    keepalive_requests 1000000;
+                }}
+                server {{
+                    listen 127.0.0.1:{port} backlog=4096;
+                    location / {{
+                        proxy_pass http://fake;
+                        proxy_http_version 1.1;
+                        proxy_set_header Connection "";
+                    }}
+                }}
+            }}
+            """))
+        t.proc = self.procs.start("nginx", ["nginx", "-p", str(d), "-c", str(conf)])
+        t.url = f"http://127.0.0.1:{port}"
+        wait_until("nginx", lambda: post_ok(t.url, ""), 20, t.proc)
+
+    def start_litellm(self, t: Target) -> None:
+        exe = LITELLM_VENV / "bin" / "litellm"
+        if not exe.exists():
+            raise RuntimeError(f"LiteLLM is not installed ({exe} missing; run bench/run.sh without --no-install)")
+        port = free_port()
+        key = "sk-bench-" + secrets.token_hex(12)
+        cfg = self.workdir / "litellm.yaml"
+        cfg.write_text(textwrap.dedent(f"""\
+            model_list:
+              - model_name: {MODEL}
+                litellm_params:
+                  model: openai/{MODEL}
+                  api_base: {self.upstream_url}/v1
+                  api_key: x
+            general_settings:
+              master_key: {key}
+            litellm_settings:
+              telemetry: false
+            """))
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+               "LITELLM_TELEMETRY": "False", "LITELLM_MODE": "PRODUCTION"}
+        env.pop("DATABASE_URL", None)
+        t.proc = self.procs.start("litellm", [str(exe), "--config", str(cfg), "--host", "127.0.0.1",
+                                              "--port", str(port), "--num_workers", "1"], env=env)
+        t.url, t.auth = f"http://127.0.0.1:{port}", key
+        wait_until("litellm /health/liveliness", lambda: http("GET", t.url + "/health/liveliness")[0] == 200,
+                   self.args.litellm_start_timeout, t.proc, interval=0.5)
+        wait_until("litellm embeddings", lambda: post_ok(t.url, t.auth, timeout=30), 60, t.proc, interval=0.5)
+
+    def start_vllm_direct(self, t: Target) -> None:
+        t.url = self.args.vllm_url.rstrip("/")
+        wait_until("vLLM embeddings", lambda: post_ok(t.url, "", t.body, timeout=30), 30)
+
+    def start_vllm_gateway(self, t: Target) -> None:
+        self._start_gateway(t, "gateway-1w-vllm", self.gateway_env(self.args.vllm_url.rstrip("/"), WORKERS="1"))
+
+    # -- measuring --
+    def measure(self, t: Target, conns: list[int]) -> None:
+        try:
+            log(f"starting {t.label}")
+            t0 = time.monotonic()
+            t.start(self, t)
+            start_s = round(time.monotonic() - t0, 1)
+            if self.args.warmup > 0:
+                run_wrk(t.url, min(32, max(conns)), self.args.warmup, self.args.wrk_timeout, t.auth, t.body)
+        except Exception as e:  # record, don't crash: the other rows still run
+            log(f"{t.label} failed to start: {e}")
+            for c in conns:
+                self.rows.append(self.row(t, c, error=f"failed to start: {str(e)[:1500]}"))
+            self.stop_target(t)
+            return
+        for c in conns:
+            try:
+                measured = t.proc.pid if t.proc else None
+                with TreeSampler(measured) as rs, TreeSampler(self.upstream.pid if self.upstream else None) as us:
+                    r = run_wrk(t.url, c, self.args.duration, self.args.wrk_timeout, t.auth, t.body)
+                row = self.row(t, c, wrk=r, start_s=start_s)
+                if measured is not None:
+                    row["rss_mb"] = round(rs.max_rss / 2**20, 1)
+                    row["rss_max_process_mb"] = round(rs.max_proc_rss / 2**20, 1)
+                    row["processes"] = rs.nprocs
+                    row["proxy_cpu_pct"] = rs.cpu_pct
+                if not t.name.startswith("vllm"):
+                    row["upstream_cpu_pct"] = us.cpu_pct
+                alive = t.proc is None or t.proc.alive()
+                if not alive:
+                    row["error"] = f"process died: {tail(t.proc.log_path, 800)}"
+                log(f"{t.label:<24} c={c:<4} {r['rps']:>9.1f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                    f"p99 {r['p99_ms']:.3f} ms  non2xx {r['non_2xx']}  sockerr {r['socket_errors']}"
+                    + (f"  rss {row.get('rss_mb')} MB" if measured else ""))
+                self.rows.append(row)
+                if not alive:
+                    break
+            except Exception as e:
+                log(f"{t.label} c={c} failed: {e}")
+                self.rows.append(self.row(t, c, error=str(e)[:1500]))
+            time.sleep(self.args.pause)
+        self.stop_target(t)
+
+    def stop_target(self, t: Target) -> None:
+        for p in ([t.proc] if t.proc else []) + t.extra:
+            self.procs.stop(p)
+        t.proc, t.extra = None, []
+
+    def row(self, t: Target, conns: int, wrk: dict[str, Any] | None = None, error: str | None = None,
+            start_s: float | None = None) -> dict[str, Any]:
+        row: dict[str, Any] = {"target": t.name, "label": t.label, "connections": conns,
+                               "duration_s": self.args.duration}
+        if wrk:
+            row.update({k: wrk[k] for k in ("rps", "requests", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms",
+                                            "max_ms", "non_2xx", "connect_errors", "read_errors", "write_errors",
+                                            "timeouts", "socket_errors")})
+        if start_s is not None:
+            row["start_s"] = start_s
+        if t.note:
+            row["note"] = t.note
+        if error:
+            row["error"] = error
+        return row
+
+
+def _redis_ping(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+def add_deltas(rows: list[dict[str, Any]], base: str = "direct", vllm_base: str = "vllm-direct") -> None:
+    by = {(r["target"], r["connections"]): r for r in rows if "rps" in r}
+    for r in rows:
+        if "rps" not in r or r["target"] in (base, vllm_base):
+            continue
+        ref = by.get((vllm_base if r["target"].startswith("vllm") else base, r["connections"]))
+        if ref:
+            r["added_p50_ms"] = round(r["p50_ms"] - ref["p50_ms"], 3)
+            r["added_p99_ms"] = round(r["p99_ms"] - ref["p99_ms"], 3)
+            r["rps_vs_direct"] = round(r["rps"] / ref["rps"], 3) if ref["rps"] else None
+
+
+def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by = {(r["target"], r["connections"]): r for r in rows}
+    checks: list[dict[str, Any]] = []
+
+    def get(t: str, c: int) -> dict[str, Any] | None:
+        r = by.get((t, c))
+        return r if r and "rps" in r else None
+
+    def add(name: str, status: str, detail: str) -> None:
+        checks.append({"target": name, "status": status, "detail": detail})
+
+    gw = "gateway-1w"
+    r1 = get(gw, 1)
+    if r1 and "added_p50_ms" in r1:
+        ok = r1["added_p50_ms"] <= TARGET_ADDED_P50_MS and r1["added_p99_ms"] <= TARGET_ADDED_P99_MS
+        add("added latency at 1 connection: p50 <= 0.3 ms and p99 <= 1 ms", "met" if ok else "not met",
+            f"+{r1['added_p50_ms']:.3f} ms p50, +{r1['added_p99_ms']:.3f} ms p99 (gateway 1 worker vs direct)")
+    else:
+        add("added latency at 1 connection: p50 <= 0.3 ms and p99 <= 1 ms", "n/a", "no gateway or direct row at 1")
+
+    for c in (32, 256):
+        g, n = get(gw, c), get("nginx", c)
+        name = f"throughput >= 50% of nginx at {c} connections"
+        if g and n and n["rps"]:
+            ratio = g["rps"] / n["rps"]
+            extra = ""
+            g2 = get("gateway-2w-redis", c)
+            if g2:
+                extra = f"; 2 workers + Redis: {g2['rps']:.0f} req/s = {g2['rps'] / n['rps']:.0%}"
+            add(name, "met" if ratio >= TARGET_VS_NGINX else "not met",
+                f"gateway {g['rps']:.0f} req/s vs nginx {n['rps']:.0f} req/s = {ratio:.0%}{extra}")
+        else:
+            add(name, "n/a", "missing gateway or nginx row")
+
+    parts, ok, have = [], True, False
+    for c in (256, 500):
+        g = get(gw, c)
+        if g:
+            have = True
+            bad = g["socket_errors"] + g["non_2xx"]
+            ok = ok and bad == 0
+            parts.append(f"{c}: connect {g['connect_errors']}, read {g['read_errors']}, write {g['write_errors']}, "
+                         f"timeout {g['timeouts']}, non-2xx {g['non_2xx']}")
+        else:
+            ok = False
+            parts.append(f"{c}: no row")
+    add("zero socket errors / timeouts at 256 and 500 connections", ("met" if ok else "not met") if have else "n/a",
+        "; ".join(parts))
+
+    g, lt = get(gw, 32), get("litellm", 32)
+    if g and lt and lt["rps"]:
+        ratio = g["rps"] / lt["rps"]
+        add(">= 50x LiteLLM's throughput at 32 connections", "met" if ratio >= TARGET_VS_LITELLM else "not met",
+            f"gateway {g['rps']:.0f} req/s vs LiteLLM {lt['rps']:.1f} req/s = {ratio:.0f}x")
+    else:
+        add(">= 50x LiteLLM's throughput at 32 connections", "n/a", "missing gateway or LiteLLM row at 32")
+
+    rss = [(r["target"], r["connections"], r["rss_max_process_mb"]) for r in rows
+           if r["target"].startswith("gateway") and "rss_max_process_mb" in r]
+    if rss:
+        worst = max(rss, key=lambda x: x[2])
+        add("RSS <= 150 MB per worker", "met" if worst[2] <= TARGET_RSS_MB else "not met",
+            f"largest gateway process {worst[2]:.1f} MB ({worst[0]} at {worst[1]} connections)")
+    else:
+        add("RSS <= 150 MB per worker", "n/a", "no gateway row")
+    return checks
+
+
+def _cmd(cmd: list[str]) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (p.stdout + p.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e})"
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    try:
+        m = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1) if m else ""
+    except OSError:
+        pass
+    pkgs = "import importlib.metadata as m, json\nout = {}\nfor n in %r:\n    try: out[n] = m.version(n)\n" \
+           "    except Exception: out[n] = None\nprint(json.dumps(out))"
+    gw_pkgs: dict[str, Any] = {}
+    try:
+        gw_pkgs = json.loads(_cmd([str(VENV_PY), "-c", pkgs % (
+            ["aiohttp", "uvicorn", "uvloop", "httptools", "limits", "orjson", "redis"],)]))
+    except ValueError:
+        pass
+    lt_py = LITELLM_VENV / "bin" / "python"
+    litellm_v = None
+    if lt_py.exists():
+        try:
+            litellm_v = json.loads(_cmd([str(lt_py), "-c", pkgs % (["litellm"],)])).get("litellm")
+        except ValueError:
+            pass
+    wrk_v = _cmd(["wrk", "-v"]).splitlines()
+    mem = re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text())
+    return {
+        "nproc": os.cpu_count(), "cpu_affinity_available": sorted(os.sched_getaffinity(0)),
+        "cpu_model": cpu, "mem_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
+        "kernel": platform.release(), "os": _cmd(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "python": _cmd([str(VENV_PY), "-c", "import sys; print(sys.version.split()[0])"]),
+        "packages": {**gw_pkgs, "litellm": litellm_v},
+        "nginx": _cmd(["nginx", "-v"]), "wrk": wrk_v[0] if wrk_v else "", "redis": _cmd(["redis-server", "--version"]),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "pinning": {"upstream_and_proxies": f"core {PROXY_CPU}", "wrk": f"core {LOAD_CPU}"},
+    }
+
+
+def fmt(v: Any, spec: str = ".2f", dash: str = "–") -> str:
+    if v is None:
+        return dash
+    if isinstance(v, (int, float)):
+        return format(v, spec)
+    return str(v)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    a = doc["args"]
+    lines = [
+        f"# Gateway benchmark — {doc['started']}{' (quick)' if a['quick'] else ''}",
+        "",
+        f"Machine: {m['nproc']} cores ({m['cpu_model']}), {m['mem_gib']} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}; load average at start {' '.join(m['loadavg_at_start'])}.  ",
+        f"Upstream: bench/fast_upstream.py, {a['upstream_delay_ms']:g} ms delay, ~22 KB embeddings body "
+        f"(1024 floats). Upstream and proxy pinned to {m['pinning']['upstream_and_proxies']}, "
+        f"wrk (1 thread, --timeout {a['wrk_timeout']:g}s) to {m['pinning']['wrk']}; {a['duration']:g} s per row "
+        f"after a {a['warmup']:g} s warm-up.  ",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in m['packages'].items() if v)}; {m['nginx']}; {m['wrk']}.",
+        "",
+        "| target | conns | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | non-2xx | socket errors c/r/w/t | "
+        "RSS MB (max process) | proxy CPU % | upstream CPU % | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r in doc["rows"]:
+        if "rps" not in r:
+            lines.append(f"| {r['label']} | {r['connections']} | – | – | – | – | – | – | – | – | – | – | "
+                         f"**{_md_cell(r.get('error', 'no result'))}** |")
+            continue
+        rss = "–" if "rss_mb" not in r else (
+            f"{r['rss_mb']:.0f}" + (f" ({r['rss_max_process_mb']:.0f})" if r.get("processes", 1) > 1 else ""))
+        note = r.get("note", "")
+        if r.get("error"):
+            note = (note + "; " if note else "") + "**" + r["error"] + "**"
+        lines.append(
+            f"| {r['label']} | {r['connections']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{fmt(r.get('added_p50_ms'), '+.2f')} | {fmt(r.get('added_p99_ms'), '+.2f')} | {r['non_2xx']} | "
+            f"{r['connect_errors']}/{r['read_errors']}/{r['write_errors']}/{r['timeouts']} | {rss} | "
+            f"{fmt(r.get('proxy_cpu_pct'), '.0f')} | {fmt(r.get('upstream_cpu_pct'), '.0f')} | {_md_cell(note)} |")
+    lines += ["", "## Targets", "", "| target | status | numbers |", "|---|---|---|"]
+    for c in doc["targets"]:
+        lines.append(f"| {c['target']} | **{c['status']}** | {_md_cell(c['detail'])} |")
+    if doc.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
+    lines += ["", f"Command: `{doc['command']}`; took {doc['took_s']:.0f} s. Raw data: "
+              f"`bench/results/latest.json`.", ""]
+    return "\n".join(lines)
+
+
+def _md_cell(s: str) -> str:
+    return " ".join(str(s).split()).replace("|", "\\|")[:400]
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short rows (3 s, 1 s warm-up) for a smoke test")
+    p.add_argument("--duration", type=float, help="seconds per row (default 10, --quick 3)")
+    p.add_argument("--warmup", type=float, help="seconds of warm-up load per target (default 2, --quick 1)")
+    p.add_argument("--connections", default="1,32,256,500", help="comma-separated connection counts")
+    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w-redis,nginx,litellm",
+                   help="comma-separated subset of: direct, gateway-1w, gateway-2w-redis, nginx, litellm")
+    p.add_argument("--vllm-url", help="base URL of a running vLLM embedding server for the end-to-end rows")
+    p.add_argument("--vllm-connections", default="1,8", help="connection counts of the end-to-end rows")
+    p.add_argument("--upstream-delay-ms", type=float, default=2.0)
+    p.add_argument("--wrk-timeout", type=float, default=5.0, help="wrk's per-request timeout in seconds")
+    p.add_argument("--litellm-start-timeout", type=float, default=180.0)
+    p.add_argument("--pause", type=float, default=0.5, help="seconds between rows")
+    p.add_argument("--out", default=str(RESULTS), help="results directory")
+    p.add_argument("--no-latest", action="store_true", help="only write the timestamped copy")
+    a = p.parse_args(argv)
+    if a.duration is None:
+        a.duration = 3.0 if a.quick else 10.0
+    if a.warmup is None:
+        a.warmup = 1.0 if a.quick else 2.0
+    return a
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    conns = [int(c) for c in args.connections.split(",") if c.strip()]
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    out = Path(args.out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    workdir = RESULTS / "tmp" / stamp
+    workdir.mkdir(parents=True, exist_ok=True)
+    for old in sorted((RESULTS / "tmp").iterdir())[:-5]:  # keep the logs of the last few runs only
+        shutil.rmtree(old, ignore_errors=True)
+    bench = Bench(args, workdir)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    t0 = time.monotonic()
+    all_targets = {
+        "direct": Target("direct", "direct (no proxy)", Bench.start_direct),
+        "gateway-1w": Target("gateway-1w", "gateway, 1 worker", Bench.start_gateway1),
+        "gateway-2w-redis": Target("gateway-2w-redis", "gateway, 2 workers + Redis", Bench.start_gateway2),
+        "nginx": Target("nginx", "nginx (1 worker, keep-alive)", Bench.start_nginx),
+        "litellm": Target("litellm", "LiteLLM proxy (1 worker)", Bench.start_litellm),
+    }
+    unknown = [n for n in names if n not in all_targets]
+    if unknown:
+        print(f"unknown target(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    if "direct" not in names:
+        names.insert(0, "direct")
+        bench.notes.append("direct rows added: the added latency is measured against them")
+    machine = machine_info()
+    log(f"results: {out}; logs of this run: {workdir}")
+    try:
+        bench.start_upstream()
+        for n in names:
+            bench.measure(all_targets[n], conns)
+        if args.vllm_url:
+            vconns = [int(c) for c in args.vllm_connections.split(",") if c.strip()]
+            try:
+                vbody = json.dumps({"model": _vllm_model(args.vllm_url), "input": "hello world"})
+            except Exception as e:  # noqa: BLE001 - recorded in the rows
+                vbody = BODY
+                bench.notes.append(f"vLLM at {args.vllm_url} unusable: {e}")
+            for t in (Target("vllm-direct", "vLLM-CPU direct", Bench.start_vllm_direct, body=vbody,
+                             note=f"real vLLM at {args.vllm_url} (not pinned)"),
+                      Target("vllm-gateway", "gateway 1w → vLLM-CPU", Bench.start_vllm_gateway, body=vbody,
+                             note="end-to-end through the gateway")):
+                bench.measure(t, vconns)
+        else:
+            bench.notes.append("end-to-end rows through real vLLM-CPU skipped: no --vllm-url given "
+                               "(start one with ./start_vllm_models.sh embed, then --vllm-url http://127.0.0.1:8000)")
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e}); stopping everything")
+        bench.notes.append(f"run interrupted ({e}); partial results")
+    finally:
+        bench.procs.stop_all()
+    add_deltas(bench.rows)
+    doc = {
+        "started": started, "took_s": round(time.monotonic() - t0, 1),
+        "command": "bench/run.sh " + " ".join(argv),
+        "args": vars(args), "machine": machine, "rows": bench.rows,
+        "targets": target_checks(bench.rows), "notes": bench.notes, "logs": str(workdir),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(exist_ok=True)
+    md = markdown(doc)
+    suffix = "-quick" if args.quick else ""
+    for path, text in ((out / "runs" / f"{stamp}{suffix}.json", json.dumps(doc, indent=1)),
+                       (out / "runs" / f"{stamp}{suffix}.md", md)):
+        path.write_text(text + "\n")
+    if not args.no_latest:
+        (out / "latest.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (out / "latest.md").write_text(md + "\n")
+    print()
+    print(md)
+    log(f"wrote {out / 'latest.md'} and {out / 'latest.json'} (copy in {out / 'runs'}/{stamp}{suffix}.*)")
+    return 130 if any("interrupted" in n for n in bench.notes) else 0
+
+
+def _vllm_model(url: str) -> str:
+    status, body = http("GET", url.rstrip("/") + "/v1/models", timeout=10)
+    if status != 200:
+        raise RuntimeError(f"{url}/v1/models answered {status}")
+    return json.loads(body)["data"][0]["id"]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

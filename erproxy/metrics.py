@@ -1,0 +1,85 @@
+"""Prometheus metrics, correct with several worker processes.
+
+With WORKERS > 1 the serve command points PROMETHEUS_MULTIPROC_DIR at an empty directory before
+the workers start; every worker writes its samples there and a scrape of any worker aggregates
+all of them (gauges as the sum or max over live workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from .upstreams import Upstreams
+
+MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry = r
+        self.requests = Counter("erproxy_requests", "Requests answered, by route, model, status and key name.",
+                                ["route", "model", "status", "key"], registry=r)
+        self.duration = Histogram("erproxy_request_duration_seconds", "Total time to answer a request.",
+                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_duration = Histogram("erproxy_upstream_duration_seconds", "Time spent waiting on vLLM.",
+                                           ["kind", "replica"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("erproxy_overhead_duration_seconds",
+                                  "The gateway's own time per request (total minus upstream).",
+                                  ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.in_flight = Gauge("erproxy_in_flight_requests", "Requests being served now.", registry=r,
+                               multiprocess_mode="livesum")
+        self.rejections = Counter("erproxy_rejections", "Requests refused by admission, by reason.", ["reason"],
+                                  registry=r)
+        self.replica_healthy = Gauge("erproxy_upstream_healthy", "1 when the replica passes health checks.",
+                                     ["kind", "replica"], registry=r, multiprocess_mode="livemax")
+        self.replica_in_flight = Gauge("erproxy_upstream_in_flight", "Requests in flight to the replica.",
+                                       ["kind", "replica"], registry=r, multiprocess_mode="livesum")
+        self.inputs = Counter("erproxy_inputs", "Embedding inputs processed.", ["model"], registry=r)
+        self.documents = Counter("erproxy_documents", "Documents reranked.", ["model"], registry=r)
+        self.tokens = Counter("erproxy_tokens", "Prompt tokens processed, from upstream usage.", ["model", "kind"],
+                              registry=r)
+        for reason in ("rate_limit", "concurrency"):
+            self.rejections.labels(reason)
+
+    def refresh_replicas(self, upstreams: "Upstreams") -> None:
+        for r in upstreams.all():
+            self.replica_healthy.labels(r.kind, r.url).set(1 if r.healthy else 0)
+            self.replica_in_flight.labels(r.kind, r.url).set(r.in_flight)
+
+    async def refresh_loop(self, upstreams: "Upstreams", every: float = 1.0) -> None:
+        while True:
+            self.refresh_replicas(upstreams)
+            await asyncio.sleep(every)
+
+    def render(self, upstreams: "Upstreams") -> tuple[bytes, str]:
+        self.refresh_replicas(upstreams)
+        if MULTIPROC:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def prompt_tokens(body: bytes) -> int | None:
+    """`usage.prompt_tokens` from an embeddings answer without parsing the vectors (it comes last)."""
+    m = _PROMPT_TOKENS.search(body, max(0, len(body) - 512))
+    return int(m.group(1)) if m else None

@@ -1,0 +1,91 @@
+"""GET /metrics after known traffic: names, labels and values; Server-Timing on every answer."""
+
+import re
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.procs import RedisServer
+
+
+def scrape(gw, token=None) -> dict[tuple[str, tuple], float]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    r = httpx.get(gw.url + "/metrics", headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def traffic(gw):
+    for _ in range(3):
+        assert httpx.post(gw.url + "/v1/embeddings", headers=gw.auth(),
+                          json={"model": "minilm", "input": ["hello world", "人工智能是计算机科学的一个分支。"]}).status_code == 200
+    assert httpx.post(gw.url + "/v1/rerank", headers=gw.auth(), json={
+        "model": "Qwen3-Reranker-0.6B", "query": "What is AI?",
+        "documents": ["AI is artificial intelligence", "AI helps humans", "Bananas are yellow"]}).status_code == 200
+    assert httpx.post(gw.url + "/v1/embeddings", headers={"Authorization": "Bearer er-bad"},
+                      json={"input": "x"}).status_code == 401
+
+
+def test_metrics_after_known_traffic(make_gateway):
+    gw = make_gateway(RATE_LIMIT="5/minute")
+    traffic(gw)
+    assert httpx.post(gw.url + "/v1/embeddings", headers=gw.auth(), json={"input": "x"}).status_code == 200
+    assert httpx.post(gw.url + "/v1/embeddings", headers=gw.auth(), json={"input": "x"}).status_code == 429
+    m = scrape(gw)
+    assert value(m, "erproxy_requests_total", route="/v1/embeddings", model="minilm", status="200", key="tester") == 4
+    assert value(m, "erproxy_requests_total", route="/v1/rerank", model="Qwen3-Reranker-0.6B", status="200",
+                 key="tester") == 1
+    assert value(m, "erproxy_requests_total", route="/v1/embeddings", model="-", status="401", key="-") == 1
+    assert value(m, "erproxy_rejections_total", reason="rate_limit") == 1
+    assert value(m, "erproxy_rejections_total", reason="concurrency") == 0
+    assert value(m, "erproxy_inputs_total", model="minilm") == 7
+    assert value(m, "erproxy_documents_total", model="Qwen3-Reranker-0.6B") == 3
+    assert value(m, "erproxy_tokens_total", model="minilm", kind="embedding") == 3 * 22 + 3  # recorded usage + 1 new
+    assert value(m, "erproxy_tokens_total", model="Qwen3-Reranker-0.6B", kind="reranker") == 32
+    assert value(m, "erproxy_request_duration_seconds_count", route="/v1/embeddings") == 6
+    assert value(m, "erproxy_overhead_duration_seconds_count", route="/v1/rerank") == 1
+    embed_url = gw.env["EMBEDDING_UPSTREAMS"]
+    assert value(m, "erproxy_upstream_duration_seconds_count", kind="embedding", replica=embed_url) == 4
+    assert value(m, "erproxy_upstream_healthy", kind="embedding", replica=embed_url) == 1
+    assert value(m, "erproxy_upstream_in_flight", kind="reranker", replica=gw.env["RERANKER_UPSTREAMS"]) == 0
+    assert value(m, "erproxy_in_flight_requests") == 0
+
+
+def test_server_timing_reports_gateway_overhead(shared_gateway):
+    r = httpx.post(shared_gateway.url + "/v1/embeddings", headers=shared_gateway.auth(), json={"input": "hi"})
+    m = re.fullmatch(r"gateway;dur=([\d.]+), upstream;dur=([\d.]+)", r.headers["server-timing"])
+    assert m and 0 < float(m.group(1)) < 1000 and float(m.group(2)) > 0
+    assert "server-timing" in httpx.get(shared_gateway.url + "/health").headers
+
+
+def test_metrics_token(make_gateway):
+    gw = make_gateway(METRICS_TOKEN="scrape-secret")
+    assert httpx.get(gw.url + "/metrics").status_code == 401
+    assert httpx.get(gw.url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert "erproxy_requests_total" in httpx.get(gw.url + "/metrics",
+                                                 headers={"Authorization": "Bearer scrape-secret"}).text
+
+
+def test_metrics_add_up_across_workers(make_gateway, tmp_path):
+    redis = RedisServer(tmp_path).start()
+    try:
+        gw = make_gateway(WORKERS="3", REDIS_URL=redis.url)
+        for _ in range(12):  # new connection each: spread over the workers
+            with httpx.Client() as c:
+                assert c.post(gw.url + "/v1/embeddings", headers=gw.auth(), json={"input": "hello world"}).status_code == 200
+        m = scrape(gw)
+        assert value(m, "erproxy_requests_total", route="/v1/embeddings", model="minilm", status="200",
+                     key="tester") == 12
+        assert value(m, "erproxy_inputs_total", model="minilm") == 12
+        pids = set(re.findall(r"\[(\d+)\] erproxy\.access", gw.log_file().read_text()))
+        assert len(pids) >= 2
+    finally:
+        redis.stop()
