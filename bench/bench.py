@@ -239,7 +239,10 @@ def run_wrk(url: str, conns: int, duration: float, timeout_s: float, auth: str =
     try:
         out, _ = p.communicate(timeout=duration + timeout_s + 30)
     except BaseException:
-        os.killpg(p.pid, signal.SIGKILL)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         p.wait()
         raise
     m = re.search(r"^BENCH_JSON (\{.*\})$", out, re.M)
@@ -724,10 +727,12 @@ def main(argv: list[str]) -> int:
     bench = Bench(args, workdir)
 
     def on_signal(signum: int, _frame: Any) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the clean-up
+            signal.signal(s, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     t0 = time.monotonic()
     all_targets = {

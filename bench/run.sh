@@ -76,7 +76,7 @@ cleanup() {
   trap - EXIT INT TERM HUP
   if [ -n "$PY_PID" ] && kill -0 "$PY_PID" 2>/dev/null; then
     kill -TERM "$PY_PID" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$PY_PID" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 200); do kill -0 "$PY_PID" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$PY_PID" 2>/dev/null || true
   fi
   # whatever the Python driver could not stop (it was killed hard): each line is a process group

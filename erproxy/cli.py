@@ -63,8 +63,8 @@ def serve(settings: Settings) -> int:
     if new_key:
         print_new_key(new_key, settings)
     active = sum(1 for r in records if not r.revoked)
-    log.info(
-        "embedding-reranker gateway starting on %s:%d (workers=%d)", settings.host, settings.port, settings.workers)
+    log.info("embedding-reranker gateway starting on %s://%s:%d (workers=%d)",
+             "https" if settings.ssl_certfile else "http", settings.host, settings.port, settings.workers)
     log.info("upstreams: embedding=%s reranker=%s", ",".join(settings.embedding_upstreams),
              ",".join(settings.reranker_upstreams))
     log.info("keys: %s (%d active)%s; rate limit %s per key; max %d concurrent requests; timeout %gs; "
@@ -77,6 +77,7 @@ def serve(settings: Settings) -> int:
         host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
         access_log=False, log_level=settings.log_level, timeout_keep_alive=int(settings.keep_alive),
         server_header=False, log_config=None, timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
+        ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
     )
     if settings.workers > 1:
         prepare_multiprocess_metrics(settings)

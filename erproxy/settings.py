@@ -143,6 +143,8 @@ SPECS: tuple[Spec, ...] = (
          "Requests served at once; more get 429 concurrency_limit_exceeded."),
     Spec("MAX_BODY_BYTES", "16MiB", _size("MAX_BODY_BYTES"), "Largest request body accepted; more gets 413."),
     Spec("HEALTH_INTERVAL", "10", _float("HEALTH_INTERVAL", 0), "Seconds between active health checks of each upstream."),
+    Spec("SSL_CERTFILE", "", _optional, "PEM certificate (chain): with SSL_KEYFILE the gateway serves HTTPS."),
+    Spec("SSL_KEYFILE", "", _optional, "PEM private key for SSL_CERTFILE."),
     Spec("METRICS_TOKEN", "", _optional, "If set, GET /metrics needs it as a bearer token (else /metrics is open)."),
     Spec("LOG_DIR", "logs", _text, "Directory of embedding_reranker_proxy.log."),
     Spec("LOG_LEVEL", "INFO", _choice("LOG_LEVEL", ("debug", "info", "warning", "error")), "Log level."),
@@ -182,6 +184,8 @@ class Settings:
     max_concurrent_requests: int
     max_body_bytes: int
     health_interval: float
+    ssl_certfile: str | None
+    ssl_keyfile: str | None
     metrics_token: str | None
     log_dir: str
     log_level: str
@@ -222,6 +226,11 @@ class Settings:
         return cls(**values)
 
     def validate(self) -> None:
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise SettingsError("SSL_CERTFILE and SSL_KEYFILE must be set together to serve HTTPS.")
+        for name, path in (("SSL_CERTFILE", self.ssl_certfile), ("SSL_KEYFILE", self.ssl_keyfile)):
+            if path and not Path(path).is_file():
+                raise SettingsError(f"{name} points to {path!r}, which is not a readable file.")
         if self.workers > 1 and not self.redis_url:
             raise SettingsError(
                 f"WORKERS={self.workers} needs REDIS_URL: without a shared Redis the limits would be per process "
