@@ -89,3 +89,17 @@ def test_metrics_add_up_across_workers(make_gateway, tmp_path):
         assert len(pids) >= 2
     finally:
         redis.stop()
+
+
+def test_live_metrics_match_what_the_grafana_dashboard_uses(make_gateway):
+    from tests.deploy.test_deploy_files import EXPECTED_METRICS
+
+    gw = make_gateway()
+    traffic(gw)
+    live: dict[str, set[str]] = {}
+    for (name, labels), _ in scrape(gw).items():
+        if name.startswith("erproxy_"):
+            live.setdefault(name, set()).update(k for k, _ in labels)
+    for name, labels in EXPECTED_METRICS.items():
+        assert name in live, name
+        assert live[name] == set(labels), name
