@@ -4,7 +4,7 @@ set -euo pipefail
 
 usage() {
     cat <<'USAGE'
-Usage: ./start_vllm_models.sh [embedding|reranker|all] [--help]
+Usage: ./start_vllm_models.sh [embedding|reranker|all] [--dry-run] [--help]
 
 Starts vLLM OpenAI-compatible servers (python -m vllm.entrypoints.openai.api_server) in the
 background and waits until each answers GET /health.
@@ -31,15 +31,19 @@ MODEL_PRECISION (auto|bfloat16|float16|float32 -> --dtype), MAX_SEQ_LENGTH (-> -
 BATCH_SIZE (-> --max-num-seqs), VLLM_EXTRA_ARGS, VLLM_HOST (127.0.0.1), VLLM_START_TIMEOUT (600 s),
 VLLM_CPU_KVCACHE_SPACE (1 GiB, CPU), LOG_DIR (logs).
 
+--dry-run prints the resolved profile and the vLLM command lines without starting anything.
+
 Logs: $LOG_DIR/embedding_model.log, $LOG_DIR/reranker_model.log (previous run kept as .log.1)
 PIDs: $LOG_DIR/embedding.pid, $LOG_DIR/reranker.pid      Stop with ./stop_vllm_models.sh
 USAGE
 }
 
 TARGET="all"
+DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         -h|--help) usage; exit 0 ;;
+        --dry-run) DRY_RUN=1 ;;
         embedding|embed|embeddings|reranker|rerank|all) TARGET="$arg" ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
@@ -49,10 +53,11 @@ done
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
 
 MODELS=$(which_models "$TARGET")
-mkdir -p "$LOG_DIR"
+[[ "$DRY_RUN" == 1 ]] || mkdir -p "$LOG_DIR"
 
 # ---- refuse a second copy, clean stale PID files, check ports (before any slow work) --------
 for m in $MODELS; do
+    [[ "$DRY_RUN" == 1 ]] && break
     pf="$(pid_file "$m")"
     if pid="$(read_pid "$m")"; then
         if pid_alive "$pid"; then
@@ -71,7 +76,7 @@ for m in $MODELS; do
 done
 
 resolve_all
-"$VLLM_PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)' 2>/dev/null \
+[[ "$DRY_RUN" == 1 ]] || "$VLLM_PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)' 2>/dev/null \
     || die "no vLLM in $VLLM_PY ($( [[ $VLLM_RESOLVED_DEVICE == cuda ]] && echo 'pip install vllm, or set VLLM_PYTHON' || echo 'run scripts/setup_vllm_cpu.sh --force' ))"
 
 log "device profile: $VLLM_RESOLVED_DEVICE (python: $VLLM_PY)"
@@ -169,7 +174,23 @@ start_one() {
     log "$m: PID $pid, log $logf"
 }
 
+if [[ "$DRY_RUN" == 1 ]]; then
+    for m in $MODELS; do
+        build_args "$m"
+        if [[ "$VLLM_RESOLVED_DEVICE" == cuda ]]; then
+            if [[ "$m" == embedding ]]; then gpu="$EMBEDDING_GPU"; else gpu="$RERANKER_GPU"; fi
+            prefix="CUDA_VISIBLE_DEVICES=$gpu"
+        else
+            prefix="VLLM_CPU_KVCACHE_SPACE=$VLLM_CPU_KVCACHE_SPACE"
+        fi
+        echo "# $m: $MODEL_DESC -> $(log_file "$m")"
+        printf '%s %q' "$prefix" "$VLLM_PY"; printf ' %q' "${ARGS[@]}"; echo
+    done
+    exit 0
+fi
+
 for m in $MODELS; do start_one "$m"; done
+trap 'echo; warn "interrupted: the servers launched keep starting in the background; see ./check_models_status.sh, stop them with ./stop_vllm_models.sh"; exit 130' INT TERM
 
 # ---- wait for /health, with progress -----------------------------------------------------------
 HOST_FOR_CHECK="$(connect_host "$VLLM_HOST")"

