@@ -181,6 +181,18 @@ def proc_stats(pid: int) -> tuple[int, float] | None:
     return int(statm.split()[1]) * PAGE, (int(f[11]) + int(f[12])) / CLK_TCK
 
 
+def cpu_ticks(cpu: str) -> tuple[int, int] | None:
+    """(busy, total) jiffies of one CPU (first in a taskset list) from /proc/stat."""
+    want = "cpu" + cpu.split(",")[0].split("-")[0]
+    for line in Path("/proc/stat").read_text().splitlines():
+        f = line.split()
+        if f and f[0] == want:
+            v = [int(x) for x in f[1:]]
+            idle = v[3] + (v[4] if len(v) > 4 else 0)
+            return sum(v[:8]) - idle, sum(v[:8])
+    return None
+
+
 class TreeSampler:
     """Samples the RSS of a process tree during a run (max of the sum, max of one process) and its CPU."""
 
@@ -454,9 +466,16 @@ class Bench:
         for c in conns:
             try:
                 measured = t.proc.pid if t.proc else None
+                c0 = cpu_ticks(PROXY_CPU)
                 with TreeSampler(measured) as rs, TreeSampler(self.upstream.pid if self.upstream else None) as us:
                     r = run_wrk(t.url, c, self.args.duration, self.args.wrk_timeout, t.auth, t.body)
+                c1 = cpu_ticks(PROXY_CPU)
                 row = self.row(t, c, wrk=r, start_s=start_s)
+                if c0 and c1 and c1[1] > c0[1]:
+                    # how busy the proxies' core was, all processes together: if far above proxy + upstream,
+                    # something else on the machine disturbed this row
+                    row["core_busy_pct"] = round(100.0 * (c1[0] - c0[0]) / (c1[1] - c0[1]), 1)
+                row["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
                 if measured is not None:
                     row["rss_mb"] = round(rs.max_rss / 2**20, 1)
                     row["rss_max_process_mb"] = round(rs.max_proc_rss / 2**20, 1)
@@ -657,13 +676,18 @@ def markdown(doc: dict[str, Any]) -> str:
         f"after a {a['warmup']:g} s warm-up.  ",
         f"Versions: {', '.join(f'{k} {v}' for k, v in m['packages'].items() if v)}; {m['nginx']}; {m['wrk']}.",
         "",
+        "+p50/+p99: added latency versus direct at the same connections. RSS: sum over the proxy's process "
+        "tree (largest single process in brackets), max during the row. CPU %: share of one core. Core busy %: "
+        "how busy core 0 was, all processes together; well above proxy + upstream means other work on the "
+        "machine disturbed that row.",
+        "",
         "| target | conns | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | non-2xx | socket errors c/r/w/t | "
-        "RSS MB (max process) | proxy CPU % | upstream CPU % | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "RSS MB (max process) | proxy CPU % | upstream CPU % | core busy % | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in doc["rows"]:
         if "rps" not in r:
-            lines.append(f"| {r['label']} | {r['connections']} | – | – | – | – | – | – | – | – | – | – | "
+            lines.append(f"| {r['label']} | {r['connections']} | – | – | – | – | – | – | – | – | – | – | – | "
                          f"**{_md_cell(r.get('error', 'no result'))}** |")
             continue
         rss = "–" if "rss_mb" not in r else (
@@ -678,7 +702,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {r['label']} | {r['connections']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{fmt(r.get('added_p50_ms'), '+.2f')} | {fmt(r.get('added_p99_ms'), '+.2f')} | {r['non_2xx']} | "
             f"{r['connect_errors']}/{r['read_errors']}/{r['write_errors']}/{r['timeouts']} | {rss} | "
-            f"{fmt(r.get('proxy_cpu_pct'), '.0f')} | {fmt(r.get('upstream_cpu_pct'), '.0f')} | {_md_cell(note)} |")
+            f"{fmt(r.get('proxy_cpu_pct'), '.0f')} | {fmt(r.get('upstream_cpu_pct'), '.0f')} | "
+            f"{fmt(r.get('core_busy_pct'), '.0f')} | {_md_cell(note)} |")
     lines += ["", "## Targets", "", "| target | status | numbers |", "|---|---|---|"]
     for c in doc["targets"]:
         lines.append(f"| {c['target']} | **{c['status']}** | {_md_cell(c['detail'])} |")
@@ -713,6 +738,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS), help="results directory")
     p.add_argument("--no-latest", action="store_true", help="only write the timestamped copy")
     p.add_argument("--no-install", action="store_true", help="(bench/run.sh) skip the installs")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown of a results JSON (no run)")
     a = p.parse_args(argv)
     if a.duration is None:
         a.duration = 3.0 if a.quick else 10.0
@@ -723,13 +749,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        doc = json.loads(src.read_text())
+        doc["targets"] = target_checks(doc["rows"])
+        src.with_suffix(".md").write_text(markdown(doc) + "\n")
+        print(f"wrote {src.with_suffix('.md')}")
+        return 0
     conns = [int(c) for c in args.connections.split(",") if c.strip()]
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     out = Path(args.out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = RESULTS / "tmp" / stamp
     workdir.mkdir(parents=True, exist_ok=True)
-    for old in sorted((RESULTS / "tmp").iterdir())[:-5]:  # keep the logs of the last few runs only
+    for old in sorted((RESULTS / "tmp").iterdir(), key=lambda d: d.stat().st_mtime)[:-5]:  # last few runs only
         shutil.rmtree(old, ignore_errors=True)
     bench = Bench(args, workdir)
 
@@ -785,7 +818,7 @@ def main(argv: list[str]) -> int:
     add_deltas(bench.rows)
     doc = {
         "started": started, "took_s": round(time.monotonic() - t0, 1),
-        "command": "bench/run.sh " + " ".join(argv),
+        "command": " ".join(["bench/run.sh", *argv]),
         "args": vars(args), "machine": machine, "rows": bench.rows,
         "targets": target_checks(bench.rows), "notes": bench.notes, "logs": _rel(workdir),
         "json": _rel(out / ("runs/" + stamp + ("-quick" if args.quick else "") + ".json")),
