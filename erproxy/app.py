@@ -40,6 +40,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 JSON = b"application/json"
 RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank", "/api/v1/rerank")
 KEY_RELOAD_INTERVAL_S = 0.5
+DISCONNECT_WATCH_AFTER_S = 0.05
 
 
 class Request:
@@ -192,10 +193,7 @@ class Gateway:
         who = req.who.name if req.who else "-"
         route = req.path if req.path in self.routes else "other"
         if route != "/metrics":
-            m = self.metrics
-            m.requests.labels(route, req.model or "-", str(status), who).inc()
-            m.duration.labels(route).observe(total)
-            m.overhead.labels(route).observe(max(0.0, total - req.upstream_s))
+            self.metrics.observe_request(route, req.model or "-", status, who, total, req.upstream_s)
         log_access(who=who, method=req.method, route=req.path, model=req.model, items=req.items, status=status,
                    latency_ms=total * 1000, upstream=req.upstream)
 
@@ -262,33 +260,42 @@ class Gateway:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def call_upstream(self, req: Request, kind: str, model: str | None, path: str, body: bytes):
-        """Forward to an upstream; a client that disconnects meanwhile cancels the upstream request."""
+        """Forward to an upstream; a client that disconnects meanwhile cancels the upstream request.
+
+        Watching for the disconnect takes a task, so it is armed only once the upstream has taken
+        DISCONNECT_WATCH_AFTER_S: most answers come sooner and never pay for it.
+        """
         task = asyncio.current_task()
         assert task is not None
-        gone = False
+        state: dict[str, Any] = {"gone": False, "watcher": None}
 
         async def watch_disconnect() -> None:
-            nonlocal gone
             while True:
                 message = await req.receive()
                 if message["type"] == "http.disconnect":
-                    gone = True
+                    state["gone"] = True
                     task.cancel()
                     return
 
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        def arm() -> None:
+            state["watcher"] = loop.create_task(watch_disconnect())
+
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(DISCONNECT_WATCH_AFTER_S, arm)
         t0 = time.perf_counter()
         try:
             resp = await self.upstreams.post(kind, model, path, body)
         except asyncio.CancelledError:
-            if gone:
+            if state["gone"]:
                 raise _ClientGone() from None
             raise
         finally:
-            watcher.cancel()
+            timer.cancel()
+            if state["watcher"] is not None:
+                state["watcher"].cancel()
             req.upstream_s = time.perf_counter() - t0
         req.upstream = resp.replica.url
-        self.metrics.upstream_duration.labels(kind, resp.replica.url).observe(req.upstream_s)
+        self.metrics.observe_upstream(kind, resp.replica.url, req.upstream_s)
         return resp
 
     # ---- routes ----------------------------------------------------------------------------------

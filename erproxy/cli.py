@@ -77,7 +77,7 @@ def serve(settings: Settings) -> int:
         host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
         access_log=False, log_level=settings.log_level, timeout_keep_alive=int(settings.keep_alive),
         server_header=False, log_config=None, timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
-        ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
+        ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile, proxy_headers=False,
     )
     if settings.workers > 1:
         prepare_multiprocess_metrics(settings)

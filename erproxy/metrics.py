@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -57,6 +57,29 @@ class Metrics:
                               registry=r)
         for reason in ("rate_limit", "concurrency"):
             self.rejections.labels(reason)
+        # labels() costs a lock and a tuple build per call; the hot path looks children up here instead
+        self._request_children: dict[tuple[str, str, int, str], Any] = {}
+        self._route_children: dict[str, tuple[Any, Any]] = {}
+        self._upstream_children: dict[tuple[str, str], Any] = {}
+
+    def observe_request(self, route: str, model: str, status: int, key: str, total: float, upstream: float) -> None:
+        k = (route, model, status, key)
+        counter = self._request_children.get(k)
+        if counter is None:
+            counter = self._request_children[k] = self.requests.labels(route, model, str(status), key)
+        counter.inc()
+        hists = self._route_children.get(route)
+        if hists is None:
+            hists = self._route_children[route] = (self.duration.labels(route), self.overhead.labels(route))
+        hists[0].observe(total)
+        hists[1].observe(total - upstream if total > upstream else 0.0)
+
+    def observe_upstream(self, kind: str, replica: str, seconds: float) -> None:
+        k = (kind, replica)
+        hist = self._upstream_children.get(k)
+        if hist is None:
+            hist = self._upstream_children[k] = self.upstream_duration.labels(kind, replica)
+        hist.observe(seconds)
 
     def refresh_replicas(self, upstreams: "Upstreams") -> None:
         for r in upstreams.all():

@@ -28,6 +28,7 @@ KINDS = ("embedding", "reranker")
 UPSTREAM_KEEPALIVE_S = 4.0
 MAX_BACKOFF_S = 30.0
 HEALTH_TIMEOUT_S = 5.0
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Upstreams:
         )
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
             json_serialize=lambda o: orjson.dumps(o).decode(),
         )
         await self.check_all()
@@ -260,7 +262,7 @@ class Upstreams:
                 r = failure.replica  # a dropped keep-alive connection: the same replica may answer now
             if r is None:
                 break
-            remaining = deadline - time.monotonic()
+            remaining = deadline - time.monotonic() if attempt else self.timeout
             if remaining <= 0:
                 raise gateway_timeout(f"No answer from the {kind} upstream within TIMEOUT={self.timeout:g} s.")
             try:
@@ -284,11 +286,10 @@ class Upstreams:
     async def _post_once(self, r: Replica, path: str, body: bytes, timeout: float) -> UpstreamResponse:
         assert self.session is not None
         r.in_flight += 1
+        # the session's timeout is TIMEOUT; only a retry needs its own, shorter one
+        extra = {} if timeout >= self.timeout else {"timeout": aiohttp.ClientTimeout(total=timeout)}
         try:
-            async with self.session.post(
-                r.url + path, data=body, headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as resp:
+            async with self.session.post(r.url + path, data=body, headers=_JSON_HEADERS, **extra) as resp:
                 data = await resp.read()
                 status = resp.status
                 ctype = resp.headers.get("Content-Type", "")
