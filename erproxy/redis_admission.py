@@ -36,6 +36,8 @@ PREFIX = "erproxy"
 LEASE_TTL_S = 15.0
 RENEW_EVERY_S = 5.0
 REVOKED_POLL_S = 0.5
+POOL_SIZE = 64
+POOL_WAIT_S = 5.0
 
 # KEYS[1] = lease set; ARGV = limit, member, ttl. Uses the server clock so instances agree.
 ACQUIRE = """
@@ -77,13 +79,16 @@ class RedisAdmission:
         self.limits = RateLimits(rate_limit)
         self.max_concurrent = max_concurrent
         self.fail_open = fail_open
-        # One immediate retry on a broken connection: pooled connections opened before a Redis
-        # restart fail once each, and should cost the client nothing. A retried hit or lease errs
-        # on the safe side (counted twice; a stray lease expires after LEASE_TTL_S).
-        self.redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=10,
-            retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
+        # A blocking pool: under a burst, requests wait for one of POOL_SIZE connections instead of
+        # failing with "Too many connections". One immediate retry on a broken connection: pooled
+        # connections opened before a Redis restart fail once each, and should cost the client
+        # nothing. A retried hit or lease errs on the safe side (counted twice; a stray lease
+        # expires after LEASE_TTL_S).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, socket_connect_timeout=1.0, socket_timeout=5.0,
+            health_check_interval=10, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
         )
+        self.redis = aioredis.Redis(connection_pool=pool)
         self._storage = RedisStorage(url, implementation="redispy", wrap_exceptions=True,
                                      connection_pool=self.redis.connection_pool)
         self._limiter = MovingWindowRateLimiter(self._storage)
