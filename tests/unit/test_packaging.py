@@ -1,0 +1,25 @@
+"""`pip install .` installs the gateway with its dependencies and a console script."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_contains_the_package_entry_point_and_requirements(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, timeout=300, capture_output=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        meta = next(n for n in names if n.endswith("METADATA"))
+        metadata = z.read(meta).decode()
+        entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "embedding_reranker_proxy.py" in names and "erproxy/app.py" in names
+    for req in Path(ROOT / "requirements.txt").read_text().splitlines():
+        name = req.split(">")[0].split("[")[0].split(";")[0].strip()
+        if name and not name.startswith("#"):
+            assert f"Requires-Dist: {name}" in metadata, name
+    assert "embedding-reranker-proxy = erproxy.cli:main" in entry
