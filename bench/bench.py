@@ -366,6 +366,14 @@ class Bench:
         self._start_gateway(t, "gateway-2w-redis", self.gateway_env(
             self.upstream_url, WORKERS="2", REDIS_URL=f"redis://127.0.0.1:{rport}/0"))
 
+    def start_bare(self, t: Target) -> None:
+        port = free_port()
+        t.proc = self.procs.start("bare", [str(VENV_PY), str(BENCH / "bare_passthrough.py"), "--port", str(port),
+                                           "--upstream", self.upstream_url])
+        t.url = f"http://127.0.0.1:{port}"
+        t.note = "reference floor: same uvicorn + aiohttp stack, no features"
+        wait_until("bare pass-through", lambda: post_ok(t.url, ""), 20, t.proc)
+
     def start_nginx(self, t: Target) -> None:
         if not shutil.which("nginx"):
             raise RuntimeError("nginx is not installed")
@@ -727,8 +735,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per row (default 10, --quick 3)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up load per target (default 2, --quick 1)")
     p.add_argument("--connections", default="1,32,256,500", help="comma-separated connection counts")
-    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w-redis,nginx,litellm",
-                   help="comma-separated subset of: direct, gateway-1w, gateway-2w-redis, nginx, litellm")
+    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w-redis,bare,nginx,litellm",
+                   help="comma-separated subset of: direct, gateway-1w, gateway-2w-redis, bare, nginx, litellm")
     p.add_argument("--vllm-url", help="base URL of a running vLLM embedding server for the end-to-end rows")
     p.add_argument("--vllm-connections", default="1,8", help="connection counts of the end-to-end rows")
     p.add_argument("--upstream-delay-ms", type=float, default=2.0)
@@ -779,6 +787,7 @@ def main(argv: list[str]) -> int:
         "direct": Target("direct", "direct (no proxy)", Bench.start_direct),
         "gateway-1w": Target("gateway-1w", "gateway, 1 worker", Bench.start_gateway1),
         "gateway-2w-redis": Target("gateway-2w-redis", "gateway, 2 workers + Redis", Bench.start_gateway2),
+        "bare": Target("bare", "bare uvicorn+aiohttp pass-through", Bench.start_bare),
         "nginx": Target("nginx", "nginx (1 worker, keep-alive)", Bench.start_nginx),
         "litellm": Target("litellm", "LiteLLM proxy (1 worker)", Bench.start_litellm),
     }
