@@ -345,8 +345,9 @@ class Bench:
         env.update(extra)
         return env
 
-    def _start_gateway(self, t: Target, name: str, env: dict[str, str], timeout: float = 60.0) -> None:
-        t.proc = self.procs.start(name, [str(VENV_PY), str(ROOT / "embedding_reranker_proxy.py")], env=env)
+    def _start_gateway(self, t: Target, name: str, env: dict[str, str], timeout: float = 60.0,
+                       cpu: str | None = PROXY_CPU) -> None:
+        t.proc = self.procs.start(name, [str(VENV_PY), str(ROOT / "embedding_reranker_proxy.py")], env=env, cpu=cpu)
         t.url = f"http://127.0.0.1:{env['PORT']}"
         t.auth = self.token
         wait_until(f"{name} /health", lambda: http("GET", t.url + "/health")[0] == 200, timeout, t.proc)
@@ -453,7 +454,11 @@ class Bench:
         wait_until("vLLM embeddings", lambda: post_ok(t.url, "", t.body, timeout=30), 30)
 
     def start_vllm_gateway(self, t: Target) -> None:
-        self._start_gateway(t, "gateway-1w-vllm", self.gateway_env(self.args.vllm_url.rstrip("/"), WORKERS="1"))
+        # Not pinned: vLLM-CPU binds one busy-waiting OpenMP thread per core, and a gateway pinned onto
+        # one of those cores stalls vLLM's parallel regions (p99 of seconds at 1 connection), which
+        # measures the pinning, not the gateway. Unpinned, the scheduler keeps them apart.
+        self._start_gateway(t, "gateway-1w-vllm", self.gateway_env(self.args.vllm_url.rstrip("/"), WORKERS="1"),
+                            cpu=None)
 
     # -- measuring --
     def measure(self, t: Target, conns: list[int]) -> None:

@@ -128,21 +128,27 @@ class RerankRequest:
     top_n: int | None
     return_documents: bool
     instruction: str | None
+    extra: dict[str, Any]  # fields the gateway does not interpret, forwarded to vLLM as sent
 
     @property
     def items(self) -> int:
         return len(self.documents)
 
     def upstream_body(self, model: str | None) -> bytes:
-        body: dict[str, Any] = {"query": self.query, "documents": self.documents}
+        body: dict[str, Any] = {**self.extra, "query": self.query, "documents": self.documents}
         if model is not None:
             body["model"] = model
         if self.top_n is not None:
             body["top_n"] = self.top_n
         if self.instruction is not None:
             # The shipped Qwen3 reranker template reads this (templates/qwen3_reranker.jinja).
-            body["chat_template_kwargs"] = {"instruction": self.instruction}
+            kwargs = body.get("chat_template_kwargs")
+            body["chat_template_kwargs"] = {**(kwargs if isinstance(kwargs, dict) else {}),
+                                            "instruction": self.instruction}
         return orjson.dumps(body)
+
+
+_RERANK_FIELDS = frozenset({"model", "query", "documents", "top_n", "top_k", "return_documents", "instruction"})
 
 
 def parse_rerank(body: bytes) -> RerankRequest:
@@ -177,7 +183,8 @@ def parse_rerank(body: bytes) -> RerankRequest:
     instruction = doc.get("instruction")
     if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
         raise bad_request("`instruction` must be a non-empty string.", param="instruction")
-    return RerankRequest(model, query, texts, top_n, rd, instruction)
+    extra = {k: v for k, v in doc.items() if k not in _RERANK_FIELDS}
+    return RerankRequest(model, query, texts, top_n, rd, instruction, extra)
 
 
 def build_rerank_response(req: RerankRequest, upstream_body: bytes, model: str | None) -> tuple[bytes, dict[str, Any]]:

@@ -68,6 +68,15 @@ def test_rerank_aliases_and_document_objects():
     assert parse_rerank(body({"query": "q", "documents": ["a"], "top_n": 9})).top_n == 1
 
 
+def test_rerank_forwards_fields_it_does_not_interpret():
+    r = parse_rerank(body({"query": "q", "documents": ["a"], "truncate_prompt_tokens": 128, "instruction": "Find",
+                           "chat_template_kwargs": {"x": 1}, "return_documents": False}))
+    up = orjson.loads(r.upstream_body("m"))
+    assert up["truncate_prompt_tokens"] == 128
+    assert up["chat_template_kwargs"] == {"x": 1, "instruction": "Find"}
+    assert "return_documents" not in up and "instruction" not in up and "top_k" not in up
+
+
 @pytest.mark.parametrize("doc,param", [
     ({"documents": ["a"]}, "query"), ({"query": "q", "documents": []}, "documents"),
     ({"query": "q", "documents": [1]}, "documents[0]"), ({"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
