@@ -1,7 +1,7 @@
 """The ASGI application: wires keys, admission, upstreams and the routes in a lifespan.
 
 A request goes auth -> admission -> route -> upstream -> response -> record, each stage in its own
-module. Plain ASGI (no BaseHTTPMiddleware): every layer on the hot path costs throughput.
+module. Plain ASGI, no middleware classes: every layer on the hot path costs throughput.
 """
 
 from __future__ import annotations

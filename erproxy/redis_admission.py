@@ -223,10 +223,3 @@ async def publish_revocation(url: str, key_hash: str) -> None:
     finally:
         await r.aclose()
 
-
-async def clear_revocation(url: str, key_hash: str) -> None:
-    r = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
-    try:
-        await r.srem(revoked_set_key(), key_hash)
-    finally:
-        await r.aclose()

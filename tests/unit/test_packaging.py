@@ -1,5 +1,6 @@
 """`pip install .` installs the gateway with its dependencies and a console script."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,9 +10,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_contains_the_package_entry_point_and_requirements(tmp_path):
+    src = tmp_path / "src"  # build from a copy: an in-tree build leaves build/ and *.egg-info behind
+    src.mkdir()
+    for name in ("pyproject.toml", "requirements.txt", "README.md", "embedding_reranker_proxy.py"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "erproxy", src / "erproxy", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, timeout=300, capture_output=True)
-    (wheel,) = tmp_path.glob("*.whl")
+                    str(out), str(src)], check=True, timeout=300, capture_output=True)
+    (wheel,) = out.glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         meta = next(n for n in names if n.endswith("METADATA"))
