@@ -140,8 +140,8 @@ class MemoryAdmission:
 
     async def check_rate(self, who: Identity) -> None:
         item = self.limits.item_for(who)
-        if not await self._limiter.hit(item, who.name):
-            stats = await self._limiter.get_window_stats(item, who.name)
+        if not await self._limiter.hit(item, who.bucket or who.name):
+            stats = await self._limiter.get_window_stats(item, who.bucket or who.name)
             raise rate_limited(item, stats.reset_time)
 
     async def acquire(self) -> object:

@@ -46,7 +46,8 @@ DISCONNECT_WATCH_AFTER_S = 0.05
 class Request:
     """What the handlers need to know of one HTTP request, plus what the access log records."""
 
-    __slots__ = ("scope", "receive", "path", "method", "who", "model", "items", "upstream", "upstream_s", "start")
+    __slots__ = ("scope", "receive", "path", "method", "who", "model", "items", "upstream", "upstream_s", "start",
+                 "body")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
@@ -58,6 +59,7 @@ class Request:
         self.items: int | None = None
         self.upstream: str | None = None
         self.upstream_s = 0.0
+        self.body = b""
         self.start = time.perf_counter()
 
     def header(self, name: bytes) -> bytes | None:
@@ -135,6 +137,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.upstreams.close()
         await self.admission.close()
+        self.metrics.worker_exiting()
 
     async def _watch_keys(self) -> None:
         while True:
@@ -192,8 +195,10 @@ class Gateway:
         total = time.perf_counter() - req.start
         who = req.who.name if req.who else "-"
         route = req.path if req.path in self.routes else "other"
+        # Labels only from known values: a client-chosen model name must not create metric series.
+        model = req.model if req.model is None or self.upstreams.is_known_model(req.model) else "unknown"
         if route != "/metrics":
-            self.metrics.observe_request(route, req.model or "-", status, who, total, req.upstream_s)
+            self.metrics.observe_request(route, model or "-", status, who, total, req.upstream_s)
         log_access(who=who, method=req.method, route=req.path, model=req.model, items=req.items, status=status,
                    latency_ms=total * 1000, upstream=req.upstream)
 
@@ -226,6 +231,10 @@ class Gateway:
             if e.status == 429:
                 self.metrics.rejections.labels("rate_limit").inc()
             raise
+        if req.method == "POST":
+            # Read the whole body before taking a concurrency slot, under a deadline: a client that
+            # trickles its body must not hold one of MAX_CONCURRENT_REQUESTS slots while it does.
+            req.body = await self.read_body(req)
         try:
             slot = await self.admission.acquire()
         except ApiError as e:
@@ -246,17 +255,22 @@ class Gateway:
             raise _too_large(limit)
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await req.receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.settings.body_timeout):
+                while True:
+                    message = await req.receive()
+                    if message["type"] == "http.disconnect":
+                        raise _ClientGone()
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within BODY_TIMEOUT={self.settings.body_timeout:g} s.",
+                           type="invalid_request_error", code="request_timeout") from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def call_upstream(self, req: Request, kind: str, model: str | None, path: str, body: bytes):
@@ -336,7 +350,7 @@ class Gateway:
         return json_response({"object": "list", "data": list(data.values())})
 
     async def embeddings(self, req: Request) -> Response:
-        body = await self.read_body(req)
+        body = req.body
         parsed = parse_embeddings(body)
         model = parsed.model or self.upstreams.default_model("embedding")
         req.model, req.items = model, parsed.items
@@ -362,7 +376,7 @@ class Gateway:
         return Response(200, resp.body)
 
     async def rerank(self, req: Request) -> Response:
-        body = await self.read_body(req)
+        body = req.body
         parsed = parse_rerank(body)
         model = parsed.model or self.upstreams.default_model("reranker")
         req.model, req.items = model, parsed.items

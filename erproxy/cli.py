@@ -39,11 +39,16 @@ def print_new_key(key: str, settings: Settings) -> None:
 
 
 def prepare_multiprocess_metrics(settings: Settings) -> None:
-    """An empty directory shared by the workers' metric files (must be set before they import prometheus)."""
+    """An empty directory shared by the workers' metric files (must be set before they import prometheus).
+
+    It lives in LOG_DIR (or ERPROXY_METRICS_DIR) as `.metrics-PORT`.
+    """
     import os
     import shutil
 
-    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or Path(settings.log_dir) / f".metrics-{settings.port}")
+    # Always a directory of our own (emptied at start): never wipe a folder the operator named.
+    base = Path(os.environ.get("ERPROXY_METRICS_DIR") or settings.log_dir)
+    directory = base / f".metrics-{settings.port}"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
@@ -75,7 +80,7 @@ def serve(settings: Settings) -> int:
     log.info("log file: %s", log_path)
     common = dict(
         host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
-        access_log=False, log_level=settings.log_level, timeout_keep_alive=int(settings.keep_alive),
+        access_log=False, log_level=settings.log_level, timeout_keep_alive=max(1, round(settings.keep_alive)),
         server_header=False, log_config=None, timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
         ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile, proxy_headers=False,
     )
@@ -118,10 +123,10 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
             print_new_key(key, settings)
             return 0
         if args.keys_command == "create":
-            from limits import parse as parse_rate
+            from .settings import check_rate
 
             if args.rate_limit:
-                parse_rate(args.rate_limit)
+                check_rate(args.rate_limit)
             models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
             expires_in = parse_duration(args.expires_in) if args.expires_in else None
             key, record = create_key(path, args.name, rate_limit=args.rate_limit, models=models,

@@ -70,6 +70,20 @@ class KeyRecord:
             raise KeyFileError(f"{where}: key entry is missing {e.args[0]!r}") from None
         if not all(isinstance(v, str) for v in known.values()) or not known["hash"].startswith("sha256:"):
             raise KeyFileError(f"{where}: key entry {raw.get('name')!r} has malformed fields")
+        name = known["name"]
+        checks = (("revoked", bool, False), ("rate_limit", str, True), ("expires", str, True))
+        for key, typ, nullable in checks:
+            value = raw.get(key)
+            if not (isinstance(value, typ) or (value is None and (nullable or key == "revoked"))):
+                raise KeyFileError(f"{where}: key {name!r} has {key}={value!r}, expected {typ.__name__}")
+        models = raw.get("models")
+        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+            raise KeyFileError(f"{where}: key {name!r} has models={models!r}, expected a list of names")
+        if raw.get("expires"):
+            try:
+                datetime.fromisoformat(raw["expires"].replace("Z", "+00:00"))
+            except ValueError:
+                raise KeyFileError(f"{where}: key {name!r} has an unreadable expires={raw['expires']!r}") from None
         extra = {k: v for k, v in raw.items()
                  if k not in ("name", "prefix", "hash", "created", "revoked", "rate_limit", "models", "expires")}
         return cls(revoked=bool(raw.get("revoked", False)), rate_limit=raw.get("rate_limit"),
@@ -174,6 +188,7 @@ class Identity:
     prefix: str
     rate_limit: str | None = None
     models: tuple[str, ...] | None = None
+    bucket: str = ""  # rate-limit bucket: from the key's hash, so equal names on other hosts never share one
 
 
 class KeyStore:
@@ -201,7 +216,7 @@ class KeyStore:
         records = read_records(self.path) if stamp is not None else []
         self._by_hash = {r.hash: r for r in records}
         self._identities = {
-            r.hash: Identity(r.name, r.prefix, r.rate_limit, tuple(r.models) if r.models else None)
+            r.hash: Identity(r.name, r.prefix, r.rate_limit, tuple(r.models) if r.models else None, r.hash[7:39])
             for r in records
         }
         self._stamp = stamp
@@ -220,7 +235,7 @@ class KeyStore:
     def authenticate(self, key: str) -> Identity | str:
         """Return the caller's Identity, or a reason string for a 401."""
         if self._access_token and hmac.compare_digest(key.encode(), self._access_token.encode()):
-            return Identity("access_token", "token")
+            return Identity("access_token", "token", bucket="token:" + hash_key(self._access_token)[7:39])
         h = hash_key(key)
         record = self._by_hash.get(h)
         if record is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,17 @@ def setup_logging(settings: Settings) -> Path:
     return path
 
 
+_UNSAFE = re.compile(r"[\x00-\x20\x7f-\x9f\\]")
+
+
+def _clean(value: str | None, limit: int = 120) -> str:
+    """One log token from client-chosen text: no spaces or control characters (no forged lines), bounded."""
+    if not value:
+        return "-"
+    text = value if len(value) <= limit else value[:limit] + "…"
+    return _UNSAFE.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+
+
 def log_access(*, who: str, method: str, route: str, model: str | None, items: int | None, status: int,
                latency_ms: float, upstream: str | None) -> None:
     if not access_log.isEnabledFor(logging.INFO):
@@ -114,9 +126,9 @@ def log_access(*, who: str, method: str, route: str, model: str | None, items: i
     if _json_access:
         access_log.info(orjson.dumps({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "key": who, "method": method,
-            "route": route, "model": model, "items": items, "status": status,
+            "route": route[:200], "model": model[:120] if model else model, "items": items, "status": status,
             "latency_ms": round(latency_ms, 2), "upstream": upstream}).decode())
     else:
         access_log.info("key=%s %s %s model=%s items=%s status=%d latency_ms=%.1f upstream=%s",
-                        who, method, route, model or "-", "-" if items is None else items, status,
+                        who, method, _clean(route, 200), _clean(model), "-" if items is None else items, status,
                         latency_ms, upstream or "-")

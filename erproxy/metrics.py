@@ -91,6 +91,13 @@ class Metrics:
             self.refresh_replicas(upstreams)
             await asyncio.sleep(every)
 
+    def worker_exiting(self) -> None:
+        """Drop this worker's live gauges from the shared files (uvicorn replaces workers that exit)."""
+        if MULTIPROC:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
+
     def render(self, upstreams: "Upstreams") -> tuple[bytes, str]:
         self.refresh_replicas(upstreams)
         if MULTIPROC:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -44,6 +45,9 @@ ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  return 1  -- a retried call whose first reply was lost: the lease is already ours
+end
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
   return 1
@@ -85,7 +89,7 @@ class RedisAdmission:
         # nothing. A retried hit or lease errs on the safe side (counted twice; a stray lease
         # expires after LEASE_TTL_S).
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, socket_connect_timeout=1.0, socket_timeout=5.0,
+            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, socket_connect_timeout=1.0, socket_timeout=2.0,
             health_check_interval=10, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
         )
         self.redis = aioredis.Redis(connection_pool=pool)
@@ -141,10 +145,14 @@ class RedisAdmission:
     # ---- Admission protocol --------------------------------------------------------------------
     async def check_rate(self, who: Identity) -> None:
         item = self.limits.item_for(who)
+        if not self._redis_ok:  # known down: don't make every request wait for a timeout; the probe loop reopens
+            if self.fail_open:
+                return await self._fallback.check_rate(who)
+            raise self._down_error()
         try:
-            allowed = await self._limiter.hit(item, who.name)
+            allowed = await self._limiter.hit(item, who.bucket or who.name)
             if not allowed:
-                stats = await self._limiter.get_window_stats(item, who.name)
+                stats = await self._limiter.get_window_stats(item, who.bucket or who.name)
         except REDIS_ERRORS as e:
             self._note_down(e)
             if self.fail_open:
@@ -155,6 +163,11 @@ class RedisAdmission:
             raise rate_limited(item, stats.reset_time)
 
     async def acquire(self) -> object:
+        if not self._redis_ok:
+            if self.fail_open:
+                await self._fallback.acquire()
+                return ("local", None)
+            raise self._down_error()
         member = f"{self._worker}:{uuid.uuid4().hex}"
         try:
             ok = await self._acquire(keys=[self._leases_key], args=[self.max_concurrent, member, LEASE_TTL_S])
@@ -208,11 +221,14 @@ class RedisAdmission:
 
 
 def _safe_url(url: str) -> str:
-    """The Redis URL without its password, for logs."""
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    """The Redis URL without its password (in the userinfo or the query), for logs."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(q if not q.lower().startswith("password=") else "password=***" for q in parts.query.split("&")
+                     if q)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 async def publish_revocation(url: str, key_hash: str) -> None:

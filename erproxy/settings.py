@@ -7,11 +7,13 @@ message that names the variable.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from limits import parse as parse_rate_limit
@@ -34,14 +36,14 @@ def _int(name: str, lo: int, hi: int | None = None) -> Callable[[str], int]:
     return conv
 
 
-def _float(name: str, lo: float) -> Callable[[str], float]:
+def _float(name: str, lo: float, hi: float = 7 * 86400.0) -> Callable[[str], float]:
     def conv(raw: str) -> float:
         try:
             value = float(raw.strip().rstrip("s"))
         except ValueError:
             raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
-        if not value > lo:
-            raise SettingsError(f"{name} must be greater than {lo}, got {value}")
+        if not lo < value <= hi:  # also refuses inf and nan
+            raise SettingsError(f"{name} must be greater than {lo:g} and at most {hi:g} seconds, got {raw!r}")
         return value
     return conv
 
@@ -81,17 +83,37 @@ def _urls(name: str) -> Callable[[str], tuple[str, ...]]:
         for u in urls:
             if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", u):
                 raise SettingsError(f"{name} has an invalid URL {u!r}; expected e.g. http://127.0.0.1:8000")
+            parts = urlsplit(u)
+            if parts.username or parts.password:
+                raise SettingsError(f"{name} must not carry credentials (user:password@): they would show in "
+                                    "/health, metrics and logs")
+            try:
+                parts.port
+            except ValueError:
+                raise SettingsError(f"{name} has an invalid port in {u!r}") from None
         return urls
     return conv
+
+
+def check_rate(text: str) -> str:
+    """One positive rate such as 100/minute; raises ValueError otherwise (also used by `keys create`)."""
+    if any(sep in text for sep in ";,|"):
+        raise ValueError(f"give one rate such as 100/minute, got {text!r}")
+    try:
+        item = parse_rate_limit(text.strip())
+    except Exception:
+        raise ValueError(f"a rate looks like 100/minute or 10/second, got {text!r}") from None
+    if item.amount < 1:
+        raise ValueError(f"a rate must allow at least one request, got {text!r}")
+    return text.strip()
 
 
 def _rate(name: str) -> Callable[[str], str]:
     def conv(raw: str) -> str:
         try:
-            parse_rate_limit(raw.strip())
-        except Exception:
-            raise SettingsError(f"{name} must be a rate such as 100/minute or 10/second, got {raw!r}") from None
-        return raw.strip()
+            return check_rate(raw)
+        except ValueError as e:
+            raise SettingsError(f"{name}: {e}") from None
     return conv
 
 
@@ -142,6 +164,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("RATE_LIMIT", "100/minute", _rate("RATE_LIMIT"), "Per-key rate limit (moving window)."),
     Spec("MAX_CONCURRENT_REQUESTS", "500", _int("MAX_CONCURRENT_REQUESTS", 1),
          "Requests served at once; more get 429 concurrency_limit_exceeded."),
+    Spec("BODY_TIMEOUT", "30", _float("BODY_TIMEOUT", 0),
+         "Seconds a client may take to send its request body; slower gets 408."),
     Spec("MAX_BODY_BYTES", "16MiB", _size("MAX_BODY_BYTES"), "Largest request body accepted; more gets 413."),
     Spec("HEALTH_INTERVAL", "10", _float("HEALTH_INTERVAL", 0), "Seconds between active health checks of each upstream."),
     Spec("SSL_CERTFILE", "", _optional, "PEM certificate (chain): with SSL_KEYFILE the gateway serves HTTPS."),
@@ -183,6 +207,7 @@ class Settings:
     access_token: str | None
     rate_limit: str
     max_concurrent_requests: int
+    body_timeout: float
     max_body_bytes: int
     health_interval: float
     ssl_certfile: str | None
@@ -227,6 +252,13 @@ class Settings:
         return cls(**values)
 
     def validate(self) -> None:
+        if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise SettingsError(f"REDIS_URL must look like redis://host:6379/0 (or rediss://, unix://), "
+                                f"got a URL with scheme {urlsplit(self.redis_url).scheme or 'none'!r}")
+        try:
+            logging.Formatter(self.log_format).format(logging.LogRecord("x", logging.INFO, "", 0, "m", None, None))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SettingsError(f"LOG_FORMAT cannot format a log line: {e!r}") from None
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise SettingsError("SSL_CERTFILE and SSL_KEYFILE must be set together to serve HTTPS.")
         for name, path in (("SSL_CERTFILE", self.ssl_certfile), ("SSL_KEYFILE", self.ssl_keyfile)):

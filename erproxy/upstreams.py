@@ -101,6 +101,7 @@ class Upstreams:
         self.health_interval = health_interval
         self.default_models = default_models or {}
         self.session: aiohttp.ClientSession | None = None
+        self.health_session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -110,11 +111,17 @@ class Upstreams:
             limit=self.pool_size, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S,
             ttl_dns_cache=300,
         )
+        # Bodies are passed through as bytes: never ask vLLM (or a proxy before it) to compress them.
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             json_serialize=lambda o: orjson.dumps(o).decode(),
         )
+        # Health checks get their own small pool: with every request connection busy, a probe queued
+        # behind them would time out and eject replicas that are merely saturated.
+        self.health_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(4, 2 * len(self.all())), force_close=True),
+            skip_auto_headers=("User-Agent",))
         await self.check_all()
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
 
@@ -125,8 +132,9 @@ class Upstreams:
                 await self._health_task
             except asyncio.CancelledError:
                 pass
-        if self.session:
-            await self.session.close()
+        for session in (self.session, self.health_session):
+            if session:
+                await session.close()
 
     def all(self) -> list[Replica]:
         return [r for kind in KINDS for r in self.replicas[kind]]
@@ -136,19 +144,19 @@ class Upstreams:
         await asyncio.gather(*(self.check(r) for r in self.all()))
 
     async def check(self, r: Replica) -> None:
-        assert self.session is not None
+        assert self.health_session is not None
         timeout = aiohttp.ClientTimeout(total=min(HEALTH_TIMEOUT_S, self.timeout))
         try:
-            async with self.session.get(r.url + "/health", timeout=timeout) as resp:
+            async with self.health_session.get(r.url + "/health", timeout=timeout) as resp:
                 await resp.read()
                 if resp.status != 200:
                     raise RuntimeError(f"/health answered {resp.status}")
-            async with self.session.get(r.url + "/v1/models", timeout=timeout) as resp:
+            async with self.health_session.get(r.url + "/v1/models", timeout=timeout) as resp:
                 body = await resp.read()
                 if resp.status == 200:
                     self._learn_models(r, body)
         except Exception as e:  # noqa: BLE001 - any failure means "not healthy now"
-            self.mark_failed(r, _describe(e))
+            self.mark_failed(r, _describe(e), probe=True)
             return
         was_healthy = r.healthy
         r.healthy, r.failures, r.last_error, r.last_ok = True, 0, None, time.monotonic()
@@ -167,9 +175,16 @@ class Upstreams:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.warning("upstream %s answered /v1/models with something that is not a model list", r.url)
 
-    def mark_failed(self, r: Replica, reason: str) -> None:
-        """Eject a replica (passive or active check) and schedule a probe with growing back-off."""
-        r.failures += 1
+    def mark_failed(self, r: Replica, reason: str, probe: bool = False) -> None:
+        """Eject a replica and schedule a probe with back-off that grows with each failed probe.
+
+        A request that fails on an already ejected replica changes nothing: eight requests in flight
+        when vLLM restarts are one failure, not eight.
+        """
+        if not probe and not r.healthy:
+            r.last_error = reason
+            return
+        r.failures = r.failures + 1 if probe else 1
         backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (r.failures - 1))
         r.next_check = time.monotonic() + backoff
         r.last_error = reason
@@ -208,6 +223,9 @@ class Upstreams:
             if model in r.models:
                 return r.models[model]
         return None
+
+    def is_known_model(self, model: str) -> bool:
+        return model in self.default_models.values() or any(model in r.models for r in self.all())
 
     def known_models(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -258,8 +276,8 @@ class Upstreams:
         failure: _ConnectionFailed | None = None
         for attempt in range(2):
             r = self.pick_replica(candidates, tried)
-            if r is None and failure is not None and not failure.refused:
-                r = failure.replica  # a dropped keep-alive connection: the same replica may answer now
+            if failure is not None and not failure.refused and failure.replica.healthy and (r is None or not r.healthy):
+                r = failure.replica  # a dropped keep-alive connection: the same healthy replica may answer now
             if r is None:
                 break
             remaining = deadline - time.monotonic() if attempt else self.timeout
@@ -294,7 +312,8 @@ class Upstreams:
                 status = resp.status
                 ctype = resp.headers.get("Content-Type", "")
         except asyncio.TimeoutError:
-            self.mark_failed(r, f"no answer within {timeout:.3g} s")
+            if timeout >= self.timeout:  # a retry's leftover budget says nothing about the replica
+                self.mark_failed(r, f"no answer within {timeout:.3g} s")
             raise gateway_timeout(f"The upstream {r.url} did not answer within TIMEOUT={self.timeout:g} s.") from None
         except aiohttp.ClientConnectorError as e:
             self.mark_failed(r, _describe(e))
@@ -322,6 +341,10 @@ def _describe(e: BaseException) -> str:
 def upstream_error(resp: UpstreamResponse, kind: str) -> ApiError:
     """Translate a non-200 upstream answer into the error the client gets."""
     message, etype, param = _error_fields(resp.body)
+    if resp.status in (401, 403, 407, 429):
+        # vLLM's own auth or limits (e.g. started with --api-key): the client's gateway key is fine
+        return bad_gateway(f"The {kind} upstream {resp.replica.url} refused the gateway with HTTP {resp.status}"
+                           f"{': ' + message if message else ''}. Check the vLLM server's --api-key and limits.")
     if resp.status >= 500:
         detail = f": {message}" if message else ""
         return bad_gateway(f"The {kind} upstream {resp.replica.url} failed with HTTP {resp.status}{detail}")

@@ -3,7 +3,7 @@
 Recorded requests (../shared/fixtures/vllm-0.32-cpu/) get the recorded answer byte for byte (as
 vLLM's compact JSON); other requests get answers generated in the same shape (deterministic
 vectors and scores). Faults are switched at run time with POST /_fake/mode:
-{"mode": "normal|hang|reset|garbage|error500|badjson|down", "delay": seconds}.
+{"mode": "normal|hang|reset|garbage|error500|badjson|unauthorized|down", "delay": seconds}.
 
 Run: python -m tests.fakes.fake_vllm --role embed|rerank --port N [--model NAME]
 """
@@ -76,6 +76,7 @@ class FakeVLLM:
         self.mode = "normal"
         self.delay = 0.0
         self.requests: dict[str, int] = {}
+        self.last_headers: dict[str, str] = {}
         self.vectors: dict[str, list[float]] = {}
         self.scores: dict[tuple[str, str], float] = {}
         self._learn_from_fixtures()
@@ -184,9 +185,10 @@ class FakeVLLM:
         self.requests[path] = self.requests.get(path, 0) + 1
         if path.startswith("/_fake/"):
             return await self.control(request)
+        self.last_headers = dict(request.headers)
         if self.mode == "down" and path == "/health":
             return web.Response(status=503)
-        if self.delay:
+        if self.delay and path not in ("/health", "/v1/models"):  # like vLLM: load slows inference, not /health
             await asyncio.sleep(self.delay)
         if path in ("/health", "/v1/models"):
             if self.mode in ("hang",) and path == "/health":
@@ -203,6 +205,8 @@ class FakeVLLM:
                 transport.write(b"this is not HTTP at all\r\n\r\n")
             transport.close()
             return web.Response(status=204)
+        if self.mode == "unauthorized":  # vLLM started with --api-key
+            return self.json({"error": "Unauthorized"}, 401)
         if self.mode == "error500":
             return self.error(500, "EngineCore encountered an issue.", "InternalServerError")
         if self.mode == "badjson":
@@ -233,7 +237,7 @@ class FakeVLLM:
             self.delay = float(doc.get("delay", self.delay))
             return self.json({"mode": self.mode, "delay": self.delay})
         if request.path == "/_fake/stats":
-            return self.json({"requests": self.requests, "mode": self.mode})
+            return self.json({"requests": self.requests, "mode": self.mode, "last_headers": self.last_headers})
         return self.json({"detail": "Not Found"}, 404)
 
     def app(self) -> web.Application:

@@ -92,3 +92,27 @@ def test_bad_edit_keeps_previous_keys_in_a_running_store(tmp_path):
     path.write_text("{broken")
     assert store.reload_if_changed() is False
     assert store.authenticate(key).name == "default"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("expires", 12345), ("expires", "next tuesday"), ("rate_limit", ["100/minute"]), ("models", "minilm"),
+    ("revoked", "no"),
+])
+def test_wrongly_typed_key_fields_are_refused_at_load(tmp_path, field, value):
+    path = tmp_path / "k.json"
+    ensure_key_file(path)
+    doc = json.loads(path.read_text())
+    doc["keys"][0][field] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KeyFileError, match=field):
+        read_records(path)
+
+
+def test_rate_limit_buckets_come_from_the_key_not_its_name(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    ka, kb = ensure_key_file(a), ensure_key_file(b)  # two hosts, each with a key named "default"
+    sa, sb = KeyStore(a), KeyStore(b)
+    sa.load()
+    sb.load()
+    ia, ib = sa.authenticate(ka), sb.authenticate(kb)
+    assert ia.name == ib.name == "default" and ia.bucket != ib.bucket and ia.bucket

@@ -63,3 +63,13 @@ def test_readme_configuration_table_lists_every_variable():
     readme = (ROOT / "README.md").read_text()
     for spec in SPECS:
         assert f"`{spec.env}`" in readme, spec.env
+
+
+@pytest.mark.parametrize("name,value", [
+    ("TIMEOUT", "inf"), ("KEEP_ALIVE", "nan"), ("SHUTDOWN_GRACE", "1e400"), ("REDIS_URL", "localhost:6379"),
+    ("EMBEDDING_UPSTREAMS", "http://h:99999"), ("EMBEDDING_UPSTREAMS", "http://user:pw@h:8000"),
+    ("LOG_FORMAT", "%(nosuchfield)s"), ("RATE_LIMIT", "0/minute"), ("RATE_LIMIT", "1/second;100/minute"),
+])
+def test_values_that_would_break_at_run_time_are_refused_at_start(name, value):
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value}, env_file="")

@@ -41,9 +41,14 @@ def test_ejection_backs_off_exponentially():
     u = ups(1)
     (r,) = u.replicas["embedding"]
     delays = []
-    for _ in range(8):
-        before = time.monotonic()
+    u.mark_failed(r, "refused")          # a request fails: ejected, first probe soon
+    delays.append(round(r.next_check - time.monotonic(), 1))
+    for _ in range(3):                   # more requests failing on it meanwhile change nothing
         u.mark_failed(r, "refused")
+    assert r.failures == 1
+    for _ in range(7):                   # each failed probe doubles the wait
+        before = time.monotonic()
+        u.mark_failed(r, "refused", probe=True)
         delays.append(round(r.next_check - before, 1))
     assert r.healthy is False
     assert delays[:5] == [0.5, 1.0, 2.0, 4.0, 8.0] and delays[-1] == 30.0
