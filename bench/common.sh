@@ -88,3 +88,30 @@ _bench_cleanup() {
   rm -f "${BENCH_PGID_FILE:-}"
   exit "$rc"
 }
+
+# The shared command line of run.sh and profile.sh:
+#   bench_main SCRIPT HELP_LAST_LINE DRIVER EXTRA_INSTALLER [args...]
+# --no-install skips the installs, --help prints SCRIPT's header comment and the driver's --help,
+# everything else goes to the driver.
+bench_main() {
+  local script=$1 help_last=$2 driver=$3 extra_install=$4 install=1
+  shift 4
+  local args=()
+  for a in "$@"; do
+    case "$a" in
+      --no-install) install=0 ;;
+      -h|--help)
+        sed -n "2,${help_last}p" "$script" | sed 's/^# \{0,1\}//'
+        echo
+        [ -x "$BENCH_ROOT/.venv/bin/python" ] && "$BENCH_ROOT/.venv/bin/python" "$driver" --help
+        exit 0 ;;
+      *) args+=("$a") ;;
+    esac
+  done
+  if ((install)); then
+    install_system
+    install_project
+    "$extra_install"
+  fi
+  run_driver "$driver" ${args[@]+"${args[@]}"}
+}

@@ -11,23 +11,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-INSTALL=1
-ARGS=()
-for a in "$@"; do
-  case "$a" in
-    --no-install) INSTALL=0 ;;
-    -h|--help)
-      sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
-      echo
-      [ -x "$BENCH_ROOT/.venv/bin/python" ] && "$BENCH_ROOT/.venv/bin/python" "$BENCH_ROOT/bench/bench.py" --help
-      exit 0 ;;
-    *) ARGS+=("$a") ;;
-  esac
-done
-
-if ((INSTALL)); then
-  install_system
-  install_project
-  install_litellm
-fi
-run_driver "$BENCH_ROOT/bench/bench.py" ${ARGS[@]+"${ARGS[@]}"}
+bench_main "$0" 10 "$BENCH_ROOT/bench/bench.py" install_litellm "$@"
