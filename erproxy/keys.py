@@ -246,9 +246,6 @@ class KeyStore:
             return f"API key {record.prefix}… expired at {record.expires}. Ask the operator for a new key."
         return self._identities[h]
 
-    def records(self) -> list[KeyRecord]:
-        return list(self._by_hash.values())
-
 
 # ---- key management (the `keys` command) -------------------------------------------------------
 def parse_duration(text: str) -> float:

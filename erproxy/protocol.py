@@ -14,8 +14,6 @@ import orjson
 
 from .errors import bad_request
 
-QWEN3_RERANK_DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
@@ -184,8 +184,6 @@ SPECS: tuple[Spec, ...] = (
          "Seconds SIGTERM waits for in-flight requests before closing connections."),
 )
 
-_BY_NAME = {s.env: s for s in SPECS}
-
 
 def _field_name(env: str) -> str:
     return env.lower()
@@ -222,7 +220,6 @@ class Settings:
     redis_url: str | None
     redis_fail_open: bool
     shutdown_grace: float
-    extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = None) -> "Settings":
@@ -271,10 +268,6 @@ class Settings:
                 "WORKERS times the configured limits. "
                 "Set REDIS_URL=redis://host:6379/0 or use WORKERS=1."
             )
-
-
-def spec(env: str) -> Spec:
-    return _BY_NAME[env]
 
 
 def env_example_block() -> str:

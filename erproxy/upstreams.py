@@ -50,7 +50,6 @@ class Replica:
     failures: int = 0
     next_check: float = 0.0
     last_error: str | None = None
-    last_ok: float | None = None
 
     def state(self) -> dict[str, Any]:
         return {
@@ -115,7 +114,6 @@ class Upstreams:
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
             timeout=aiohttp.ClientTimeout(total=self.timeout),
-            json_serialize=lambda o: orjson.dumps(o).decode(),
         )
         # Health checks get their own small pool: with every request connection busy, a probe queued
         # behind them would time out and eject replicas that are merely saturated.
@@ -159,7 +157,7 @@ class Upstreams:
             self.mark_failed(r, _describe(e), probe=True)
             return
         was_healthy = r.healthy
-        r.healthy, r.failures, r.last_error, r.last_ok = True, 0, None, time.monotonic()
+        r.healthy, r.failures, r.last_error = True, 0, None
         r.next_check = time.monotonic() + self.health_interval
         if not was_healthy:
             log.info("upstream %s (%s) is healthy, serving %s", r.url, r.kind, ", ".join(r.models) or "?")
