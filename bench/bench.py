@@ -833,7 +833,7 @@ def main(argv: list[str]) -> int:
     doc = {
         "started": started, "took_s": round(time.monotonic() - t0, 1),
         "command": " ".join(["bench/run.sh", *argv]),
-        "args": vars(args), "machine": machine, "rows": bench.rows,
+        "args": {**vars(args), "out": _rel(out)}, "machine": machine, "rows": bench.rows,
         "targets": target_checks(bench.rows), "notes": bench.notes, "logs": _rel(workdir),
         "json": _rel(out / ("runs/" + stamp + ("-quick" if args.quick else "") + ".json")),
     }

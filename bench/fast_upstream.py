@@ -26,7 +26,17 @@ import time
 from pathlib import Path
 
 FIXTURES = Path(os.environ.get(
-    "VLLM_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vllm-0.32-cpu"))
+    "VLLM_FIXTURES", Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "vllm-0.32-cpu"))
+
+
+def recorded(name: str) -> dict:
+    """One recorded vLLM answer from the repository's fixtures; a missing one stops the benchmark."""
+    path = FIXTURES / f"{name}.json"
+    try:
+        return json.loads(path.read_text())["response"]
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"fast_upstream: cannot read the recorded vLLM answer {path} ({e}); it is part of "
+                         "the repository (tests/fixtures), re-record with scripts/record_vllm_fixtures.py")
 
 
 def _f32(x: float) -> float:
@@ -36,12 +46,7 @@ def _f32(x: float) -> float:
 def embeddings_body(model: str, dim: int) -> bytes:
     """vLLM's compact JSON for one embedding: the recorded 384-float vector, extended to `dim` floats
     (deterministic pseudo-random float32 values of the same magnitude), L2-normalised."""
-    vec: list[float] = []
-    try:
-        rec = json.loads((FIXTURES / "embed_float_single.json").read_text())
-        vec = list(rec["response"]["data"][0]["embedding"])
-    except (OSError, KeyError, ValueError):
-        pass
+    vec: list[float] = list(recorded("embed_float_single")["data"][0]["embedding"])
     rng = random.Random(1024)
     while len(vec) < dim:
         vec.append(rng.gauss(0.0, 1.0 / math.sqrt(384)))
@@ -56,12 +61,7 @@ def embeddings_body(model: str, dim: int) -> bytes:
 
 
 def models_body(model: str) -> bytes:
-    try:
-        doc = json.loads((FIXTURES / "embed_models.json").read_text())["response"]
-    except (OSError, KeyError, ValueError):
-        doc = {"object": "list", "data": [{"id": model, "object": "model", "created": int(time.time()),
-                                           "owned_by": "vllm", "root": model, "parent": None,
-                                           "max_model_len": 8192, "permission": []}]}
+    doc = recorded("embed_models")
     doc["data"] = doc["data"][:1]
     doc["data"][0]["id"] = model
     doc["data"][0]["root"] = f"/models/{model}"

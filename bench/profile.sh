@@ -3,8 +3,9 @@
 #
 #   bench/profile.sh [--seconds N] [--connections C] [--workers 1|2] [--rate HZ] [--no-install]
 #
-# Writes bench/results/profile-<stamp>.svg (flame graph), .collapsed (raw stacks) and .txt (a
-# `py-spy top`-like summary: own and total share of samples per function), and profile-latest.*.
+# Writes bench/results/profiles/profile-<stamp>.svg (flame graph), .collapsed (raw stacks) and .txt
+# (a `py-spy top`-like summary: own and total share of samples per function), and profile-latest.*.
+# That folder is git-ignored: py-spy's stacks carry the machine's absolute paths.
 # py-spy is installed into its own venv under ~/.cache/erproxy/bench-tools-venv.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

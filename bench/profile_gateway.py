@@ -5,7 +5,8 @@ core 0, drives it with wrk at 32 connections (core 1), and while the load runs r
   1. a flame graph (SVG) for --seconds;
   2. the raw collapsed stacks for another --seconds, summarised like `py-spy top`: the functions
      with the most samples on-CPU, by own time and by total (inclusive) time.
-Writes bench/results/profile-<stamp>.{svg,collapsed,txt} and copies as profile-latest.*.
+Writes bench/results/profiles/profile-<stamp>.{svg,collapsed,txt} and copies as profile-latest.*
+(git-ignored: py-spy's stacks carry this machine's absolute paths; ANALYSIS.md quotes what they show).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def main(argv: list[str]) -> int:
     for s in (b.signal.SIGINT, b.signal.SIGTERM, b.signal.SIGHUP):
         b.signal.signal(s, on_signal)
 
-    out = b.RESULTS
+    out = b.RESULTS / "profiles"
+    out.mkdir(parents=True, exist_ok=True)
     svg, raw, txt = (out / f"profile-{stamp}.{ext}" for ext in ("svg", "collapsed", "txt"))
     load: dict[str, object] = {}
     try:

