@@ -8,7 +8,8 @@ Usage: ./check_models_status.sh [--json] [embedding|reranker|all] [--no-gateway]
 
 For each vLLM server (embedding on EMBEDDING_PORT, reranker on RERANKER_PORT): PID from
 $LOG_DIR/<model>.pid and whether it is alive, whether the port listens, GET /health, the served
-model id and max_model_len from /v1/models, and GPU memory when nvidia-smi exists. Then the
+model id and max_model_len from /v1/models, and GPU memory when nvidia-smi exists (the GPU the
+server was started on: what the server holds, and the card's used / total). Then the
 gateway on PORT (default 2048): GET /health.
 
 Exit status: 0 when everything checked is up, 1 when anything is down.
@@ -17,32 +18,32 @@ Exit status: 0 when everything checked is up, 1 when anything is down.
 USAGE
 }
 
-JSON=0
-TARGET="all"
-CHECK_GATEWAY=1
-for arg in "$@"; do
-    case "$arg" in
-        -h|--help) usage; exit 0 ;;
-        --json) JSON=1 ;;
-        --no-gateway) CHECK_GATEWAY=0 ;;
-        embedding|embed|embeddings|reranker|rerank|all) TARGET="$arg" ;;
-        *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
-    esac
-done
-
 # shellcheck source=scripts/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
+parse_args "--json --no-gateway" "$@"
+JSON="$OPT_JSON"
+CHECK_GATEWAY=1; [[ "$OPT_NO_GATEWAY" == 1 ]] && CHECK_GATEWAY=0
 
 HOST_FOR_CHECK="$(connect_host "$VLLM_HOST")"
 GATEWAY_HOST="$(connect_host "${HOST:-127.0.0.1}")"
 HAVE_SMI=0
 command -v nvidia-smi >/dev/null 2>&1 && HAVE_SMI=1
 
+# server_gpu_mib PID: GPU memory (MiB) held by the processes of the server's process group
+# (the API server and the engine processes it forked), from nvidia-smi's compute processes.
+server_gpu_mib() {
+    local pgid; pgid="$(pgid_of "$1")"
+    [[ -n "$pgid" ]] || return 0
+    local pids; pids=" $(ps -eo pid=,pgid= 2>/dev/null | awk -v g="$pgid" '$2 == g {print $1}' | tr '\n' ' ')"
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null \
+        | awk -F', *' -v pids="$pids" 'index(pids, " " $1 " ") && $2 ~ /^[0-9]+$/ {sum += $2; n++} END {if (n) print sum}' || true
+}
+
 # Collect facts as KEY=VALUE lines; python3 turns them into the table or JSON.
 facts=""
 add() { facts+="$1=$2"$'\n'; }
 
-for m in $(which_models "$TARGET"); do
+for m in $MODELS; do
     port="$(model_port "$m")"
     pid=""; alive=false
     if pid="$(read_pid "$m")"; then pid_alive "$pid" && alive=true; else pid=""; fi
@@ -50,14 +51,20 @@ for m in $(which_models "$TARGET"); do
     health="$(http_status "http://$HOST_FOR_CHECK:$port/health" 3)"
     models_json=""
     [[ "$health" == 200 ]] && models_json="$(http_get "http://$HOST_FOR_CHECK:$port/v1/models" 5 | tr -d '\n')"
-    gpu=""
+    gpu=""; server_mib=""
     if [[ "$HAVE_SMI" == 1 ]]; then
-        if [[ "$m" == embedding ]]; then idx="$EMBEDDING_GPU"; else idx="$RERANKER_GPU"; fi
-        gpu="$(nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv,noheader,nounits -i "$idx" 2>/dev/null | head -n1 || true)"
+        # The GPU the server was started on (start_vllm_models.sh records it), else the configured one.
+        idx="$(cat "$(gpu_file "$m")" 2>/dev/null || mget "$m" GPU)"
+        if [[ -n "$idx" ]]; then
+            gpu="$(nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader,nounits -i "$idx" 2>/dev/null | head -n1 || true)"
+        fi
+        if [[ -n "$gpu" && "$alive" == true ]]; then
+            server_mib="$(server_gpu_mib "$pid")"
+        fi
     fi
     add "$m.port" "$port"; add "$m.pid" "$pid"; add "$m.pid_alive" "$alive"
     add "$m.listening" "$listening"; add "$m.health" "$health"
-    add "$m.models" "$models_json"; add "$m.gpu" "$gpu"
+    add "$m.models" "$models_json"; add "$m.gpu" "$gpu"; add "$m.server_gpu_mib" "$server_mib"
     add "$m.url" "http://$HOST_FOR_CHECK:$port"
 done
 if [[ "$CHECK_GATEWAY" == 1 ]]; then
@@ -66,7 +73,7 @@ if [[ "$CHECK_GATEWAY" == 1 ]]; then
     add gateway.health "$(http_status "http://$GATEWAY_HOST:$PORT/health" 5)"
 fi
 
-FACTS="$facts" JSON="$JSON" TARGETS="$(which_models "$TARGET")" CHECK_GATEWAY="$CHECK_GATEWAY" python3 - <<'PY'
+FACTS="$facts" JSON="$JSON" TARGETS="$MODELS" CHECK_GATEWAY="$CHECK_GATEWAY" python3 - <<'PY'
 import json, os, sys
 
 facts = {}
@@ -87,8 +94,10 @@ for m in os.environ["TARGETS"].split():
         pass
     gpu = None
     parts = [p.strip() for p in f("gpu").split(",")] if f("gpu") else []
-    if len(parts) == 3:
-        gpu = {"index": parts[0], "memory_used_mib": int(parts[1]), "memory_total_mib": int(parts[2])}
+    if len(parts) >= 4 and parts[-1].isdigit() and parts[-2].isdigit():
+        gpu = {"index": parts[0], "name": ", ".join(parts[1:-2]), "memory_used_mib": int(parts[-2]),
+               "memory_total_mib": int(parts[-1]),
+               "server_memory_mib": int(f("server_gpu_mib")) if f("server_gpu_mib") else None}
     health = int(f("health") or 0)
     report["models"][m] = {
         "url": f("url"),
@@ -137,7 +146,8 @@ for m, r in report["models"].items():
         print(f"           serves {', '.join(r['served_models'])}, max_model_len {r['max_model_len']}")
     if r["gpu"]:
         g = r["gpu"]
-        print(f"           GPU {g['index']}: {g['memory_used_mib']} / {g['memory_total_mib']} MiB used")
+        mine = f"this server {g['server_memory_mib']} MiB, " if g["server_memory_mib"] is not None else ""
+        print(f"           GPU {g['index']} ({g['name']}): {mine}{g['memory_used_mib']} / {g['memory_total_mib']} MiB used in all")
 if "gateway" in report:
     g = report["gateway"]
     print(f"{'gateway':<10} {'UP' if g['up'] else 'DOWN':<5} {g['url']}")

