@@ -33,6 +33,10 @@ from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+if str(ROOT) not in sys.path:  # devtools/ (shared with tests/) lives at the repository root
+    sys.path.append(str(ROOT))
+
+from devtools.procs import Proc, free_port, spawn, tail, wait_until  # noqa: E402
 RESULTS = BENCH / "results"
 VENV_PY = Path(os.environ.get("BENCH_GATEWAY_PYTHON", ROOT / ".venv" / "bin" / "python"))
 LITELLM_VENV = Path(os.environ.get("BENCH_LITELLM_VENV", Path.home() / ".cache" / "erproxy" / "litellm-venv"))
@@ -55,12 +59,6 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http(method: str, url: str, body: str | None = None, headers: dict[str, str] | None = None,
          timeout: float = 5.0) -> tuple[int, bytes]:
     req = urllib.request.Request(url, method=method, data=body.encode() if body is not None else None,
@@ -72,28 +70,7 @@ def http(method: str, url: str, body: str | None = None, headers: dict[str, str]
         return e.code, e.read()
 
 
-def tail(path: Path, n: int = 1500) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
 # ---- processes ---------------------------------------------------------------------------------
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
 
 class Procs:
     """Every process the benchmark starts: own session (process group), pinned, killed on exit."""
@@ -110,32 +87,15 @@ class Procs:
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, cpu: str | None = PROXY_CPU,
               cwd: Path = ROOT) -> Proc:
-        log_path = self.workdir / f"{name}.log"
         full = (["taskset", "-c", cpu] if cpu is not None else []) + cmd
         with self.lock:
-            popen = subprocess.Popen(full, cwd=cwd, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-            proc = Proc(name, popen, log_path)
+            proc = spawn(full, self.workdir / f"{name}.log", cwd=cwd, env=env, name=name, new_session=True)
             self.procs.append(proc)
             self._write_pgids()
         return proc
 
     def stop(self, proc: Proc, timeout: float = 8.0) -> None:
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.popen.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # the group leader is gone; make sure nothing of its group lingers (nginx, uvicorn workers)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            break
+        proc.stop(timeout=timeout)  # its whole process group: SIGTERM, then SIGKILL
         with self.lock:
             if proc in self.procs:
                 self.procs.remove(proc)
@@ -282,23 +242,6 @@ class Target:
     extra: list[Proc] = field(default_factory=list)
     note: str = ""
     connections: list[int] | None = None
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float, proc: Proc | None = None,
-               interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{what}: process exited with {proc.popen.returncode}: {tail(proc.log_path)}")
-        try:
-            if check():
-                return
-        except (OSError, urllib.error.URLError) as e:
-            last = e
-        time.sleep(interval)
-    extra = f"; log: {tail(proc.log_path)}" if proc is not None else ""
-    raise TimeoutError(f"{what}: not ready within {timeout:g}s (last error: {last}){extra}")
 
 
 def post_ok(url: str, auth: str, body: str = BODY, timeout: float = 10.0) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,52 +12,23 @@ from pathlib import Path
 
 import httpx
 
+from devtools.procs import Proc, free_port, spawn, wait_until
 from erproxy.keys import KeyRecord, display_prefix, generate_key, hash_key, utc_now, write_key_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ROOT", "Proc", "free_port", "wait_http", "start_fake", "set_fake_mode", "fake_stats", "make_key_file",
+           "Gateway", "gateway_env", "start_gateway", "RedisServer"]
 
 
-def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None,
+def wait_http(url: str, timeout: float = 20.0, proc: Proc | subprocess.Popen | None = None,
               ok=(200, 503)) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            r = httpx.get(url, timeout=2.0)
-            if r.status_code in ok:
-                return r
-        except httpx.HTTPError as e:
-            last = e
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout}s ({last})")
+    """The first answer of `url` with a status in `ok`; fails early when `proc` exits."""
+    def answer() -> httpx.Response | None:
+        r = httpx.get(url, timeout=2.0)
+        return r if r.status_code in ok else None
 
-
-@dataclass
-class Proc:
-    popen: subprocess.Popen
-    url: str
-    log_path: Path
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    return wait_until(url, answer, timeout, proc, errors=(httpx.HTTPError,))
 
 
 def start_fake(tmp: Path, role: str, model: str | None = None, port: int | None = None,
@@ -70,9 +40,8 @@ def start_fake(tmp: Path, role: str, model: str | None = None, port: int | None 
         cmd += ["--model", model]
     if delay:
         cmd += ["--delay", str(delay)]
-    popen = subprocess.Popen(cmd, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-    proc = Proc(popen, f"http://127.0.0.1:{port}", log_path)
-    wait_http(proc.url + "/health", proc=popen)
+    proc = spawn(cmd, log_path, cwd=ROOT, url=f"http://127.0.0.1:{port}")
+    wait_http(proc.url + "/health", proc=proc)
     return proc
 
 
@@ -136,13 +105,11 @@ def gateway_env(tmp: Path, embed_urls: str, rerank_urls: str, **overrides: str) 
 
 def start_gateway(tmp: Path, env: dict[str, str], wait: bool = True, timeout: float = 30.0) -> Proc:
     log_path = tmp / f"gateway_{env['PORT']}.out"
-    popen = subprocess.Popen([sys.executable, str(ROOT / "embedding_reranker_proxy.py")], cwd=ROOT, env=env,
-                             stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL)
-    proc = Proc(popen, f"http://127.0.0.1:{env['PORT']}", log_path)
+    proc = spawn([sys.executable, str(ROOT / "embedding_reranker_proxy.py")], log_path, cwd=ROOT, env=env,
+                 url=f"http://127.0.0.1:{env['PORT']}")
     if wait:
         try:
-            wait_http(proc.url + "/health", timeout=timeout, proc=popen)
+            wait_http(proc.url + "/health", timeout=timeout, proc=proc)
         except Exception:
             proc.stop()
             raise RuntimeError(f"gateway did not start:\n{proc.output()}")
