@@ -3,8 +3,10 @@
 Two gates, checked in this order after authentication:
 - a per-key rate limit (moving window, `limits` async API), 429 `rate_limit_exceeded` + Retry-After;
 - a global concurrency cap, 429 `concurrency_limit_exceeded`.
-State lives in this process (`MemoryAdmission`) or in Redis when several workers or gateway
-instances must share exact limits (see `redis_admission.py`).
+State lives in this process (`MemoryAdmission`, on `LocalWindowStorage`) or in Redis when several
+workers or gateway instances must share exact limits (see `redis_admission.py`). `Gate` is the
+admission step of the request flow: it asks the backend and counts each refusal in the metrics.
+Time comes from an injected clock (`time.time` unless a test passes its own).
 """
 
 from __future__ import annotations
@@ -12,20 +14,25 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from typing import Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from limits import RateLimitItem, parse as parse_rate
-from limits.aio.storage import MemoryStorage
+from limits.aio.storage import MovingWindowSupport, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from .errors import too_many
+from .errors import ApiError, concurrency_exceeded, rate_limited
 from .keys import Identity
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+Clock = Callable[[], float]
 
 
 class Admission(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
-    async def check_rate(self, who: Identity) -> None: ...
+    async def enforce_rate_limit(self, who: Identity) -> None: ...
     async def acquire(self) -> object: ...
     async def release(self, slot: object) -> None: ...
     def in_flight(self) -> int: ...
@@ -51,85 +58,134 @@ class RateLimits:
         return item
 
 
-def rate_limited(item: RateLimitItem, reset_time: float) -> Exception:
-    retry_after = max(1, math.ceil(reset_time - time.time()))
-    return too_many(
-        f"Rate limit of {item} exceeded for this API key; retry after {retry_after} s "
-        "or ask the operator for a higher limit.",
-        code="rate_limit_exceeded", retry_after=retry_after,
-    )
+def retry_after_s(reset_time: float, now: float) -> int:
+    """Whole seconds until the window frees a hit, at least 1 (the Retry-After header)."""
+    return max(1, math.ceil(reset_time - now))
 
 
-def concurrency_exceeded(limit: int) -> Exception:
-    return too_many(
-        f"The gateway is already serving its maximum of {limit} concurrent requests; retry shortly.",
-        code="concurrency_limit_exceeded", retry_after=1,
-    )
-
-
-class LocalWindowStorage(MemoryStorage):
-    """In-process moving-window storage for `limits`' async MovingWindowRateLimiter.
+class LocalWindowStorage(Storage, MovingWindowSupport):
+    """In-process storage for `limits`' async limiters: moving windows, plus fixed-window counters.
 
     limits' own MemoryStorage inserts each hit at the front of a list (O(window) per hit) and
     prunes it in a task that hops to a thread while holding the key's lock, so every request of
     a busy key queued behind a thread round trip: throughput plateaued near 1,000 req/s with the
     CPU half idle (bench/results). Here each key is a deque of hit times, oldest first: a hit
     drops expired entries from the left and appends on the right, amortised O(1), with no await
-    and therefore no lock. Idle keys are swept every SWEEP_EVERY_S.
+    and therefore no lock. Idle keys are swept every SWEEP_EVERY_S. Every method of limits'
+    storage interface works on this state; the tests run the same calls against MemoryStorage.
     """
 
+    STORAGE_SCHEME = None  # not registered under a URI scheme: built directly
     SWEEP_EVERY_S = 30.0
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.windows: dict[str, tuple[deque[float], int]] = {}
-        self._next_sweep = time.monotonic() + self.SWEEP_EVERY_S
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, *, clock: Clock = time.time,
+                 **options: float | str | bool) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        self.clock = clock
+        self.windows: dict[str, tuple[deque[float], int]] = {}  # key -> (hit times, oldest first; expiry)
+        self.counters: dict[str, tuple[int, float]] = {}  # key -> (count, expires at)
+        self._next_sweep = clock() + self.SWEEP_EVERY_S
 
-    def _window(self, key: str, expiry: int, now: float) -> deque[float]:
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return ValueError
+
+    # ---- moving window ---------------------------------------------------------------------------
+    def _live(self, key: str, expiry: int, now: float) -> deque[float] | None:
         entry = self.windows.get(key)
         if entry is None:
-            entry = self.windows[key] = (deque(), expiry)
+            return None
         q = entry[0]
         cutoff = now - expiry
         while q and q[0] < cutoff:
             q.popleft()
         return q
 
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        if amount > limit:
+            return False
+        q = self._live(key, expiry, now)
+        if q is None:
+            q = self._new_window(key, expiry)
+        if len(q) + amount > limit:
+            return False
+        if amount == 1:
+            q.append(now)
+        else:
+            q.extend([now] * amount)
+        return True
+
+    def _new_window(self, key: str, expiry: int) -> deque[float]:
+        q: deque[float] = deque()
+        self.windows[key] = (q, expiry)
+        return q
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        now = self.clock()
+        q = self._live(key, expiry, now)
+        return (q[0], len(q)) if q else (now, 0)
+
+    async def get_num_acquired(self, key: str, expiry: int) -> int:
+        """Hits still inside the window (the name limits < 5 gave this query)."""
+        q = self._live(key, expiry, self.clock())
+        return len(q) if q else 0
+
+    # ---- fixed-window counters -------------------------------------------------------------------
+    def _counter(self, key: str, now: float) -> tuple[int, float]:
+        entry = self.counters.get(key)
+        if entry is not None and entry[1] <= now:
+            del self.counters[key]
+            return (0, now)
+        return entry or (0, now)
+
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        now = self.clock()
+        count, expires = self._counter(key, now)
+        self.counters[key] = (count + amount, expires if count else now + expiry)
+        return count + amount
+
+    async def get(self, key: str) -> int:
+        return self._counter(key, self.clock())[0]
+
+    async def get_expiry(self, key: str) -> float:
+        entry = self.counters.get(key)
+        return entry[1] if entry is not None else self.clock()
+
+    # ---- the whole store -------------------------------------------------------------------------
+    async def check(self) -> bool:
+        return True
+
+    async def clear(self, key: str) -> None:
+        self.windows.pop(key, None)
+        self.counters.pop(key, None)
+
+    async def reset(self) -> int | None:
+        removed = max(len(self.windows), len(self.counters))
+        self.windows.clear()
+        self.counters.clear()
+        return removed
+
     def _sweep(self, now: float) -> None:
         for key, (q, expiry) in list(self.windows.items()):
             if not q or q[-1] < now - expiry:
                 del self.windows[key]
-        self._next_sweep = time.monotonic() + self.SWEEP_EVERY_S
-
-    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        now = time.time()
-        if time.monotonic() >= self._next_sweep:
-            self._sweep(now)
-        if amount > limit:
-            return False
-        q = self._window(key, expiry, now)
-        if len(q) + amount > limit:
-            return False
-        q.extend([now] * amount)
-        return True
-
-    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
-        now = time.time()
-        q = self._window(key, expiry, now)
-        return (q[0], len(q)) if q else (now, 0)
-
-    async def clear(self, key: str) -> None:
-        self.windows.pop(key, None)
-        await super().clear(key)
+        for key, (_, expires) in list(self.counters.items()):
+            if expires <= now:
+                del self.counters[key]
+        self._next_sweep = now + self.SWEEP_EVERY_S
 
 
 class MemoryAdmission:
     """Exact limits for one process (WORKERS=1 without Redis)."""
 
-    def __init__(self, rate_limit: str, max_concurrent: int) -> None:
+    def __init__(self, rate_limit: str, max_concurrent: int, *, clock: Clock = time.time) -> None:
         self.limits = RateLimits(rate_limit)
         self.max_concurrent = max_concurrent
-        self._limiter = MovingWindowRateLimiter(LocalWindowStorage())
+        self.clock = clock
+        self._limiter = MovingWindowRateLimiter(LocalWindowStorage(clock=clock))
         self._in_flight = 0
 
     async def start(self) -> None:
@@ -138,11 +194,11 @@ class MemoryAdmission:
     async def close(self) -> None:
         return None
 
-    async def check_rate(self, who: Identity) -> None:
+    async def enforce_rate_limit(self, who: Identity) -> None:
         item = self.limits.item_for(who)
         if not await self._limiter.hit(item, who.bucket or who.name):
             stats = await self._limiter.get_window_stats(item, who.bucket or who.name)
-            raise rate_limited(item, stats.reset_time)
+            raise rate_limited(item, retry_after_s(stats.reset_time, self.clock()))
 
     async def acquire(self) -> object:
         if self._in_flight >= self.max_concurrent:
@@ -155,3 +211,37 @@ class MemoryAdmission:
 
     def in_flight(self) -> int:
         return self._in_flight
+
+
+class Gate:
+    """The admission step of the request flow: the rate limit, then a slot; each refusal counted."""
+
+    __slots__ = ("admission", "_rate_refusals", "_slot_refusals", "_in_flight")
+
+    def __init__(self, admission: Admission, metrics: Metrics) -> None:
+        self.admission = admission
+        self._rate_refusals = metrics.rejections.labels("rate_limit")
+        self._slot_refusals = metrics.rejections.labels("concurrency")
+        self._in_flight = metrics.in_flight
+
+    async def limit_rate(self, who: Identity) -> None:
+        try:
+            await self.admission.enforce_rate_limit(who)
+        except ApiError as e:
+            if e.status == 429:
+                self._rate_refusals.inc()
+            raise
+
+    async def take_slot(self) -> object:
+        try:
+            slot = await self.admission.acquire()
+        except ApiError as e:
+            if e.status == 429:
+                self._slot_refusals.inc()
+            raise
+        self._in_flight.inc()
+        return slot
+
+    async def free_slot(self, slot: object) -> None:
+        self._in_flight.dec()
+        await self.admission.release(slot)

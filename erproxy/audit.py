@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
-from .keys import utc_now
 from .settings import Settings
+from .util import utc_now
 
 AUDIT_FILE = "key_audit.log"
 

@@ -17,7 +17,7 @@ from .keys import (
     rotate_key,
 )
 from .logs import setup_logging
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, not_applicable_line
 
 log = logging.getLogger("erproxy")
 
@@ -55,8 +55,6 @@ def prepare_multiprocess_metrics(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
     log_path = setup_logging(settings)
     keys_path = Path(settings.api_keys_file)
     try:
@@ -67,17 +65,32 @@ def serve(settings: Settings) -> int:
         return 2
     if new_key:
         print_new_key(new_key, settings)
-    active = sum(1 for r in records if not r.revoked)
+    log_start(settings, keys_path, sum(1 for r in records if not r.revoked), log_path)
+    run_server(settings)
+    return 0
+
+
+def log_start(settings: Settings, keys_path: Path, active_keys: int, log_path: Path) -> None:
+    """What the operator needs to see at start, including variables set for another server."""
     log.info("embedding-reranker gateway starting on %s://%s:%d (workers=%d)",
              "https" if settings.ssl_certfile else "http", settings.host, settings.port, settings.workers)
     log.info("upstreams: embedding=%s reranker=%s", ",".join(settings.embedding_upstreams),
              ",".join(settings.reranker_upstreams))
     log.info("keys: %s (%d active)%s; rate limit %s per key; max %d concurrent requests; timeout %gs; "
-             "max body %d bytes; limits state: %s", keys_path, active,
+             "max body %d bytes; limits state: %s", keys_path, active_keys,
              " + ACCESS_TOKEN" if settings.access_token else "", settings.rate_limit,
              settings.max_concurrent_requests, settings.timeout, settings.max_body_bytes,
              "redis" if settings.redis_url else "in-process")
     log.info("log file: %s", log_path)
+    ignored = not_applicable_line(settings)
+    if ignored:
+        log.warning("%s", ignored)
+
+
+def run_server(settings: Settings) -> None:
+    """uvicorn with the gateway: one process, or WORKERS processes that each build it (app_from_env)."""
+    import uvicorn
+
     common = dict(
         host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
         access_log=False, log_level=settings.log_level, timeout_keep_alive=max(1, round(settings.keep_alive)),
@@ -91,7 +104,6 @@ def serve(settings: Settings) -> int:
         from .app import create_app
 
         uvicorn.run(create_app(settings), **common)
-    return 0
 
 
 def share_revocation(settings: Settings, key_hash: str) -> None:
@@ -123,10 +135,10 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
             print_new_key(key, settings)
             return 0
         if args.keys_command == "create":
-            from .settings import check_rate
+            from .settings import validate_rate_limit
 
             if args.rate_limit:
-                check_rate(args.rate_limit)
+                validate_rate_limit(args.rate_limit)
             models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
             expires_in = parse_duration(args.expires_in) if args.expires_in else None
             key, record = create_key(path, args.name, rate_limit=args.rate_limit, models=models,

@@ -9,7 +9,6 @@ A file that cannot be parsed is never overwritten: start-up stops with a message
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import os
@@ -17,11 +16,13 @@ import secrets
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import orjson
+
+from .util import exclusive_lock, iso_utc, utc_now
 
 KEY_PREFIX = "er-"
 DISPLAY_PREFIX_LEN = 10  # "er-" + 7 characters: enough to tell keys apart, useless to an attacker
@@ -42,10 +43,6 @@ def hash_key(key: str) -> str:
 
 def display_prefix(key: str) -> str:
     return key[:DISPLAY_PREFIX_LEN]
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -149,13 +146,8 @@ def write_key_file(path: Path, records: list[KeyRecord]) -> None:
 def locked(path: Path) -> Iterator[None]:
     """Exclusive advisory lock shared by every process that writes the key file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(str(path) + ".lock", 0o600):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def read_records(path: Path) -> list[KeyRecord]:
@@ -281,10 +273,7 @@ def create_key(path: Path, name: str, *, rate_limit: str | None = None, models: 
         if any(r.name == name for r in records):
             raise KeyError(f"a key named {name!r} already exists; choose another name or rotate it")
         key = generate_key()
-        expires = None
-        if expires_in is not None:
-            expires = datetime.fromtimestamp(time.time() + expires_in, timezone.utc).replace(
-                microsecond=0).isoformat().replace("+00:00", "Z")
+        expires = iso_utc(time.time() + expires_in) if expires_in is not None else None
         record = KeyRecord(name=name, prefix=display_prefix(key), hash=hash_key(key), created=utc_now(),
                            rate_limit=rate_limit, models=models, expires=expires)
         write_key_file(path, records + [record])

@@ -7,17 +7,16 @@ Access lines name the key by its name, never the key itself. LOG_JSON=1 writes a
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import orjson
 
 from .settings import Settings
+from .util import exclusive_lock, iso_utc
 
 LOG_FILE = "embedding_reranker_proxy.log"
 access_log = logging.getLogger("erproxy.access")
@@ -54,9 +53,7 @@ class SharedRotatingFileHandler(logging.FileHandler):
             self.handleError(record)
 
     def _rotate(self) -> None:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive_lock(self._lock_path, 0o640):
             # another process may have rotated while we waited for the lock
             if os.stat(self.baseFilename).st_size >= self.max_bytes:
                 for i in range(self.backup_count - 1, 0, -1):
@@ -66,9 +63,6 @@ class SharedRotatingFileHandler(logging.FileHandler):
                 os.replace(self.baseFilename, self.baseFilename + ".1")
             self.stream.close()
             self.stream = self._open()
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
 
 def setup_logging(settings: Settings) -> Path:
@@ -125,7 +119,7 @@ def log_access(*, who: str, method: str, route: str, model: str | None, items: i
         return
     if _json_access:
         access_log.info(orjson.dumps({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "key": who, "method": method,
+            "time": iso_utc(), "key": who, "method": method,
             "route": route[:200], "model": model[:120] if model else model, "items": items, "status": status,
             "latency_ms": round(latency_ms, 2), "upstream": upstream}).decode())
     else:

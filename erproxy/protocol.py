@@ -36,6 +36,13 @@ def _model(doc: dict[str, Any]) -> str | None:
     return model
 
 
+def _instruction(doc: dict[str, Any]) -> str | None:
+    instruction = doc.get("instruction")
+    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+        raise bad_request("`instruction` must be a non-empty string.", param="instruction")
+    return instruction
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -88,9 +95,7 @@ def parse_embeddings(body: bytes) -> EmbeddingsRequest:
     input_type = doc.get("input_type")
     if input_type is not None and input_type not in ("query", "document", "search_query", "search_document"):
         raise bad_request("`input_type` must be \"query\" or \"document\".", param="input_type")
-    instruction = doc.get("instruction")
-    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
-        raise bad_request("`instruction` must be a non-empty string.", param="instruction")
+    instruction = _instruction(doc)
     changed = model is None or input_type is not None or instruction is not None
     return EmbeddingsRequest(model, items, doc, changed)
 
@@ -178,9 +183,7 @@ def parse_rerank(body: bytes) -> RerankRequest:
     rd = doc.get("return_documents", True)
     if not isinstance(rd, bool):
         raise bad_request("`return_documents` must be true or false.", param="return_documents")
-    instruction = doc.get("instruction")
-    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
-        raise bad_request("`instruction` must be a non-empty string.", param="instruction")
+    instruction = _instruction(doc)
     extra = {k: v for k, v in doc.items() if k not in _RERANK_FIELDS}
     return RerankRequest(model, query, texts, top_n, rd, instruction, extra)
 

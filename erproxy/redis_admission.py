@@ -15,11 +15,15 @@ client reconnects by itself: no restart is needed once Redis is back.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
+import time
 import uuid
+from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from limits import RateLimitItem
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from redis import asyncio as aioredis
@@ -27,8 +31,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.asyncio.retry import Retry
 
-from .admission import MemoryAdmission, RateLimits, concurrency_exceeded, rate_limited
-from .errors import ApiError, unavailable
+from .admission import MemoryAdmission, RateLimits, retry_after_s
+from .errors import concurrency_exceeded, limits_unavailable, rate_limited
 from .keys import Identity
 
 log = logging.getLogger("erproxy.redis")
@@ -71,6 +75,17 @@ try:  # limits wraps storage errors when asked to
     REDIS_ERRORS = REDIS_ERRORS + (StorageError,)
 except ImportError:  # pragma: no cover
     pass
+
+
+T = TypeVar("T")
+
+
+class _Down(enum.Enum):
+    DOWN = "down"
+
+
+DOWN = _Down.DOWN  # what `_shared` answers instead of a result when Redis cannot be used
+LOCAL_SLOT = ("local", None)  # a concurrency slot taken under this process's own cap
 
 
 def revoked_set_key() -> str:
@@ -138,50 +153,56 @@ class RedisAdmission:
             log.warning("Redis at %s reachable again; shared limits restored", _safe_url(self.url))
         self._redis_ok = True
 
-    def _down_error(self) -> ApiError:
-        return unavailable("The gateway cannot reach Redis, which holds the shared rate limits; retry shortly.",
-                           code="limits_unavailable", retry_after=1)
+    async def _shared(self, call: Callable[..., Awaitable[T]], *args: Any) -> T | _Down:
+        """`call` on Redis, or DOWN when Redis is known to be down or fails now.
+
+        Known down: no request waits for a timeout; the revocation poll notices when it is back.
+        """
+        if not self._redis_ok:
+            return DOWN
+        try:
+            result = await call(*args)
+        except REDIS_ERRORS as e:
+            self._note_down(e)
+            return DOWN
+        self._note_up()
+        return result
+
+    async def _without_redis(self, local: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """REDIS_FAIL_OPEN=true: this process's own limits; else 503 limits_unavailable."""
+        if not self.fail_open:
+            raise limits_unavailable()
+        return await local(*args)
 
     # ---- Admission protocol --------------------------------------------------------------------
-    async def check_rate(self, who: Identity) -> None:
+    async def enforce_rate_limit(self, who: Identity) -> None:
         item = self.limits.item_for(who)
-        if not self._redis_ok:  # known down: don't make every request wait for a timeout; the probe loop reopens
-            if self.fail_open:
-                return await self._fallback.check_rate(who)
-            raise self._down_error()
-        try:
-            allowed = await self._limiter.hit(item, who.bucket or who.name)
-            if not allowed:
-                stats = await self._limiter.get_window_stats(item, who.bucket or who.name)
-        except REDIS_ERRORS as e:
-            self._note_down(e)
-            if self.fail_open:
-                return await self._fallback.check_rate(who)
-            raise self._down_error() from None
-        self._note_up()
-        if not allowed:
-            raise rate_limited(item, stats.reset_time)
+        reset_time = await self._shared(self._hit, item, who.bucket or who.name)
+        if reset_time is DOWN:
+            return await self._without_redis(self._fallback.enforce_rate_limit, who)
+        if reset_time is not None:
+            raise rate_limited(item, retry_after_s(reset_time, time.time()))
+
+    async def _hit(self, item: RateLimitItem, bucket: str) -> float | None:
+        """None when the hit is allowed, else when the window frees one."""
+        if await self._limiter.hit(item, bucket):
+            return None
+        return (await self._limiter.get_window_stats(item, bucket)).reset_time
 
     async def acquire(self) -> object:
-        if not self._redis_ok:
-            if self.fail_open:
-                await self._fallback.acquire()
-                return ("local", None)
-            raise self._down_error()
-        member = f"{self._worker}:{uuid.uuid4().hex}"
-        try:
-            ok = await self._acquire(keys=[self._leases_key], args=[self.max_concurrent, member, LEASE_TTL_S])
-        except REDIS_ERRORS as e:
-            self._note_down(e)
-            if self.fail_open:
-                await self._fallback.acquire()
-                return ("local", None)
-            raise self._down_error() from None
-        self._note_up()
-        if not ok:
+        member = await self._shared(self._take_lease)
+        if member is DOWN:
+            await self._without_redis(self._fallback.acquire)
+            return LOCAL_SLOT
+        if member is None:
             raise concurrency_exceeded(self.max_concurrent)
         self._held.add(member)
         return ("redis", member)
+
+    async def _take_lease(self) -> str | None:
+        member = f"{self._worker}:{uuid.uuid4().hex}"
+        ok = await self._acquire(keys=[self._leases_key], args=[self.max_concurrent, member, LEASE_TTL_S])
+        return member if ok else None
 
     async def release(self, slot: object) -> None:
         where, member = slot  # type: ignore[misc]

@@ -1,8 +1,14 @@
-"""One Settings object from the environment (and `.env`).
+"""One Settings object from the environment (and `.env`): every knob declared once, in `Settings`.
 
-Each knob is declared once in SPECS with its default and a one-line description; `.env.example`
-and the README table are checked against SPECS by the tests. A bad value stops start-up with a
-message that names the variable.
+Each field is one variable (its name upper-cased), declared with its type, the rule that reads
+it (and its bounds), its default as an operator would write it in `.env`, and a one-line meaning.
+`.env.example` and the README's configuration table are generated from these declarations
+(`python -m erproxy.settings`) and a test keeps them in step. A bad value stops start-up with a
+SettingsError that names the variable.
+
+`Settings.from_env` reads the variables itself, with python-dotenv's rules for `.env`
+(`dotenv_values`, `${VAR}` interpolation included): only these exact upper-case names, the
+environment winning over the file, as with docker and systemd.
 """
 
 from __future__ import annotations
@@ -12,19 +18,39 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from limits import parse as parse_rate_limit
+from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class SettingsError(ValueError):
     """A configuration value that cannot be used; the message names the variable."""
 
 
-def _int(name: str, lo: int, hi: int | None = None) -> Callable[[str], int]:
-    def conv(raw: str) -> int:
+# ---- how a variable's text becomes a value (the variable's name comes from the field) -------------
+def _reader(parse: Callable[[str, str], Any]) -> BeforeValidator:
+    def read(raw: Any, info: ValidationInfo) -> Any:
+        return parse(_as_text(raw), (info.field_name or "").upper())
+    return BeforeValidator(read)
+
+
+def _as_text(raw: Any) -> str:
+    """Values given in Python (Settings(port=3000)) are read by the same rules as text."""
+    if raw is None:
+        return ""
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    if isinstance(raw, (tuple, list)):
+        return ",".join(map(str, raw))
+    return str(raw)
+
+
+def integer(lo: int, hi: int | None = None) -> BeforeValidator:
+    def parse(raw: str, name: str) -> int:
         try:
             value = int(raw.strip())
         except ValueError:
@@ -33,11 +59,11 @@ def _int(name: str, lo: int, hi: int | None = None) -> Callable[[str], int]:
             bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
             raise SettingsError(f"{name} must be {bound}, got {value}")
         return value
-    return conv
+    return _reader(parse)
 
 
-def _float(name: str, lo: float, hi: float = 7 * 86400.0) -> Callable[[str], float]:
-    def conv(raw: str) -> float:
+def seconds(lo: float = 0, hi: float = 7 * 86400.0) -> BeforeValidator:
+    def parse(raw: str, name: str) -> float:
         try:
             value = float(raw.strip().rstrip("s"))
         except ValueError:
@@ -45,57 +71,51 @@ def _float(name: str, lo: float, hi: float = 7 * 86400.0) -> Callable[[str], flo
         if not lo < value <= hi:  # also refuses inf and nan
             raise SettingsError(f"{name} must be greater than {lo:g} and at most {hi:g} seconds, got {raw!r}")
         return value
-    return conv
+    return _reader(parse)
 
 
-def _bool(name: str) -> Callable[[str], bool]:
-    def conv(raw: str) -> bool:
-        v = raw.strip().lower()
-        if v in ("1", "true", "yes", "on"):
-            return True
-        if v in ("0", "false", "no", "off", ""):
-            return False
-        raise SettingsError(f"{name} must be true or false, got {raw!r}")
-    return conv
+def _flag(raw: str, name: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
                "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
 
 
-def _size(name: str) -> Callable[[str], int]:
-    def conv(raw: str) -> int:
-        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", raw)
-        if not m or m.group(2).lower() not in _SIZE_UNITS:
-            raise SettingsError(f"{name} must be a size such as 16777216 or 16MiB, got {raw!r}")
-        value = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-        if value < 1024:
-            raise SettingsError(f"{name} must be at least 1024 bytes, got {value}")
-        return value
-    return conv
+def _size(raw: str, name: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", raw)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise SettingsError(f"{name} must be a size such as 16777216 or 16MiB, got {raw!r}")
+    value = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if value < 1024:
+        raise SettingsError(f"{name} must be at least 1024 bytes, got {value}")
+    return value
 
 
-def _urls(name: str) -> Callable[[str], tuple[str, ...]]:
-    def conv(raw: str) -> tuple[str, ...]:
-        urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
-        if not urls:
-            raise SettingsError(f"{name} must list at least one base URL such as http://127.0.0.1:8000")
-        for u in urls:
-            if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", u):
-                raise SettingsError(f"{name} has an invalid URL {u!r}; expected e.g. http://127.0.0.1:8000")
-            parts = urlsplit(u)
-            if parts.username or parts.password:
-                raise SettingsError(f"{name} must not carry credentials (user:password@): they would show in "
-                                    "/health, metrics and logs")
-            try:
-                parts.port
-            except ValueError:
-                raise SettingsError(f"{name} has an invalid port in {u!r}") from None
-        return urls
-    return conv
+def _urls(raw: str, name: str) -> tuple[str, ...]:
+    urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
+    if not urls:
+        raise SettingsError(f"{name} must list at least one base URL such as http://127.0.0.1:8000")
+    for u in urls:
+        if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", u):
+            raise SettingsError(f"{name} has an invalid URL {u!r}; expected e.g. http://127.0.0.1:8000")
+        parts = urlsplit(u)
+        if parts.username or parts.password:
+            raise SettingsError(f"{name} must not carry credentials (user:password@): they would show in "
+                                "/health, metrics and logs")
+        try:
+            parts.port
+        except ValueError:
+            raise SettingsError(f"{name} has an invalid port in {u!r}") from None
+    return urls
 
 
-def check_rate(text: str) -> str:
+def validate_rate_limit(text: str) -> str:
     """One positive rate such as 100/minute; raises ValueError otherwise (also used by `keys create`)."""
     if any(sep in text for sep in ";,|"):
         raise ValueError(f"give one rate such as 100/minute, got {text!r}")
@@ -108,118 +128,91 @@ def check_rate(text: str) -> str:
     return text.strip()
 
 
-def _rate(name: str) -> Callable[[str], str]:
-    def conv(raw: str) -> str:
-        try:
-            return check_rate(raw)
-        except ValueError as e:
-            raise SettingsError(f"{name}: {e}") from None
-    return conv
+def _rate(raw: str, name: str) -> str:
+    try:
+        return validate_rate_limit(raw)
+    except ValueError as e:
+        raise SettingsError(f"{name}: {e}") from None
 
 
-def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
-    def conv(raw: str) -> str:
+def choice(*choices: str) -> BeforeValidator:
+    def parse(raw: str, name: str) -> str:
         v = raw.strip().lower()
         if v not in choices:
             raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
         return v
-    return conv
+    return _reader(parse)
 
 
-def _text(raw: str) -> str:
-    return raw.strip()
+Text = Annotated[str, _reader(lambda raw, name: raw.strip())]
+OptionalText = Annotated[str | None, _reader(lambda raw, name: raw.strip() or None)]
+Flag = Annotated[bool, _reader(_flag)]
+Size = Annotated[int, _reader(_size)]
+Urls = Annotated[tuple[str, ...], _reader(_urls)]
+Rate = Annotated[str, _reader(_rate)]
+Seconds = Annotated[float, seconds()]
 
 
-def _optional(raw: str) -> str | None:
-    return raw.strip() or None
+def knob(default: str, help: str) -> Any:
+    """A variable's default, written as in `.env` ("" = unset), and its one-line meaning."""
+    return Field(default, description=help)
 
 
-@dataclass(frozen=True)
-class Spec:
-    env: str
-    default: str
-    convert: Callable[[str], Any]
-    help: str
+class Settings(BaseSettings):
+    """Every knob of the gateway. Settings() is the defaults; Settings.from_env() what is configured."""
 
+    model_config = SettingsConfigDict(frozen=True, validate_default=True, extra="forbid")
 
-SPECS: tuple[Spec, ...] = (
-    Spec("HOST", "0.0.0.0", _text, "Address the gateway listens on."),
-    Spec("PORT", "2048", _int("PORT", 1, 65535), "Port the gateway listens on."),
-    Spec("WORKERS", "1", _int("WORKERS", 1, 1024), "Worker processes sharing the port."),
-    Spec("TIMEOUT", "600", _float("TIMEOUT", 0), "Seconds an upstream request may take before the client gets 504."),
-    Spec("KEEP_ALIVE", "75", _float("KEEP_ALIVE", 0),
-         "Seconds an idle client connection is kept open (idle upstream connections: at most 4 s, under vLLM's 5 s)."),
-    Spec("EMBEDDING_UPSTREAMS", "http://127.0.0.1:8000", _urls("EMBEDDING_UPSTREAMS"),
-         "Comma-separated base URLs of vLLM embedding servers."),
-    Spec("RERANKER_UPSTREAMS", "http://127.0.0.1:8001", _urls("RERANKER_UPSTREAMS"),
-         "Comma-separated base URLs of vLLM reranker servers."),
-    Spec("EMBEDDING_MODEL", "", _optional,
-         "Model used when an embeddings request omits `model` (default: the first one the embedding upstreams serve)."),
-    Spec("RERANKER_MODEL", "", _optional,
-         "Model used when a rerank request omits `model` (default: the first one the reranker upstreams serve)."),
-    Spec("EMBEDDING_QUERY_INSTRUCTION", "Given a web search query, retrieve relevant passages that answer the query",
-         _text, "Default instruction for Qwen3 embedding queries (`input_type: query`)."),
-    Spec("API_KEYS_FILE", "er_api_keys.json", _text, "Key file (hashes only); created with one key on first start."),
-    Spec("ACCESS_TOKEN", "", _optional, "Optional extra static key, accepted like any other key."),
-    Spec("RATE_LIMIT", "100/minute", _rate("RATE_LIMIT"), "Per-key rate limit (moving window)."),
-    Spec("MAX_CONCURRENT_REQUESTS", "500", _int("MAX_CONCURRENT_REQUESTS", 1),
-         "Requests served at once; more get 429 concurrency_limit_exceeded."),
-    Spec("BODY_TIMEOUT", "30", _float("BODY_TIMEOUT", 0),
-         "Seconds a client may take to send its request body; slower gets 408."),
-    Spec("MAX_BODY_BYTES", "16MiB", _size("MAX_BODY_BYTES"), "Largest request body accepted; more gets 413."),
-    Spec("HEALTH_INTERVAL", "10", _float("HEALTH_INTERVAL", 0), "Seconds between active health checks of each upstream."),
-    Spec("SSL_CERTFILE", "", _optional, "PEM certificate (chain): with SSL_KEYFILE the gateway serves HTTPS."),
-    Spec("SSL_KEYFILE", "", _optional, "PEM private key for SSL_CERTFILE."),
-    Spec("METRICS_TOKEN", "", _optional, "If set, GET /metrics needs it as a bearer token (else /metrics is open)."),
-    Spec("LOG_DIR", "logs", _text, "Directory of embedding_reranker_proxy.log."),
-    Spec("LOG_LEVEL", "INFO", _choice("LOG_LEVEL", ("debug", "info", "warning", "error")), "Log level."),
-    Spec("LOG_FORMAT", "%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s", _text, "Python logging format of log lines."),
-    Spec("LOG_JSON", "false", _bool("LOG_JSON"), "Write access log lines as JSON objects."),
-    Spec("LOG_MAX_BYTES", "20MiB", _size("LOG_MAX_BYTES"), "Size at which the log file is rotated."),
-    Spec("LOG_BACKUPS", "5", _int("LOG_BACKUPS", 1, 1000), "Rotated log files kept."),
-    Spec("REDIS_URL", "", _optional, "Redis shared by workers/instances for limits (unset = in-process state)."),
-    Spec("REDIS_FAIL_OPEN", "false", _bool("REDIS_FAIL_OPEN"),
-         "When Redis is unreachable: false = answer 503, true = admit under per-process limits."),
-    Spec("SHUTDOWN_GRACE", "30", _float("SHUTDOWN_GRACE", 0),
-         "Seconds SIGTERM waits for in-flight requests before closing connections."),
-)
+    host: Text = knob("0.0.0.0", "Address the gateway listens on.")
+    port: Annotated[int, integer(1, 65535)] = knob("2048", "Port the gateway listens on.")
+    workers: Annotated[int, integer(1, 1024)] = knob("1", "Worker processes sharing the port.")
+    timeout: Seconds = knob("600", "Seconds an upstream request may take before the client gets 504.")
+    keep_alive: Seconds = knob(
+        "75", "Seconds an idle client connection is kept open (idle upstream connections: at most 4 s, under vLLM's 5 s).")
+    embedding_upstreams: Urls = knob("http://127.0.0.1:8000", "Comma-separated base URLs of vLLM embedding servers.")
+    reranker_upstreams: Urls = knob("http://127.0.0.1:8001", "Comma-separated base URLs of vLLM reranker servers.")
+    embedding_model: OptionalText = knob(
+        "", "Model used when an embeddings request omits `model` (default: the first one the embedding upstreams serve).")
+    reranker_model: OptionalText = knob(
+        "", "Model used when a rerank request omits `model` (default: the first one the reranker upstreams serve).")
+    embedding_query_instruction: Text = knob(
+        "Given a web search query, retrieve relevant passages that answer the query",
+        "Default instruction for Qwen3 embedding queries (`input_type: query`).")
+    api_keys_file: Text = knob("er_api_keys.json", "Key file (hashes only); created with one key on first start.")
+    access_token: OptionalText = knob("", "Optional extra static key, accepted like any other key.")
+    rate_limit: Rate = knob("100/minute", "Per-key rate limit (moving window).")
+    max_concurrent_requests: Annotated[int, integer(1)] = knob(
+        "500", "Requests served at once; more get 429 concurrency_limit_exceeded.")
+    body_timeout: Seconds = knob("30", "Seconds a client may take to send its request body; slower gets 408.")
+    max_body_bytes: Size = knob("16MiB", "Largest request body accepted; more gets 413.")
+    health_interval: Seconds = knob("10", "Seconds between active health checks of each upstream.")
+    ssl_certfile: OptionalText = knob("", "PEM certificate (chain): with SSL_KEYFILE the gateway serves HTTPS.")
+    ssl_keyfile: OptionalText = knob("", "PEM private key for SSL_CERTFILE.")
+    metrics_token: OptionalText = knob("", "If set, GET /metrics needs it as a bearer token (else /metrics is open).")
+    log_dir: Text = knob("logs", "Directory of embedding_reranker_proxy.log.")
+    log_level: Annotated[str, choice("debug", "info", "warning", "error")] = knob("INFO", "Log level.")
+    log_format: Text = knob("%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s",
+                            "Python logging format of log lines.")
+    log_json: Flag = knob("false", "Write access log lines as JSON objects.")
+    log_max_bytes: Size = knob("20MiB", "Size at which the log file is rotated.")
+    log_backups: Annotated[int, integer(1, 1000)] = knob("5", "Rotated log files kept.")
+    redis_url: OptionalText = knob("", "Redis shared by workers/instances for limits (unset = in-process state).")
+    redis_fail_open: Flag = knob(
+        "false", "When Redis is unreachable: false = answer 503, true = admit under per-process limits.")
+    shutdown_grace: Seconds = knob("30", "Seconds SIGTERM waits for in-flight requests before closing connections.")
 
+    _not_applicable: tuple[str, ...] = PrivateAttr(default=())
 
-def _field_name(env: str) -> str:
-    return env.lower()
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise SettingsError(_first_message(e)) from None
 
-
-@dataclass(frozen=True)
-class Settings:
-    host: str
-    port: int
-    workers: int
-    timeout: float
-    keep_alive: float
-    embedding_upstreams: tuple[str, ...]
-    reranker_upstreams: tuple[str, ...]
-    embedding_model: str | None
-    reranker_model: str | None
-    embedding_query_instruction: str
-    api_keys_file: str
-    access_token: str | None
-    rate_limit: str
-    max_concurrent_requests: int
-    body_timeout: float
-    max_body_bytes: int
-    health_interval: float
-    ssl_certfile: str | None
-    ssl_keyfile: str | None
-    metrics_token: str | None
-    log_dir: str
-    log_level: str
-    log_format: str
-    log_json: bool
-    log_max_bytes: int
-    log_backups: int
-    redis_url: str | None
-    redis_fail_open: bool
-    shutdown_grace: float
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **_: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)  # from_env reads the environment and .env itself, by python-dotenv's rules
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = None) -> "Settings":
@@ -233,22 +226,18 @@ class Settings:
         file_values: dict[str, str] = {}
         if env_file and Path(env_file).is_file():
             file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
-        values: dict[str, Any] = {}
-        for spec in SPECS:
-            raw = env.get(spec.env, file_values.get(spec.env, spec.default))
-            values[_field_name(spec.env)] = spec.convert(raw)
-        settings = cls(**values)
-        settings.validate()
+        merged = {**file_values, **env}
+        settings = cls(**{name: merged[name.upper()] for name in cls.model_fields if name.upper() in merged})
+        settings._not_applicable = tuple(name for name in NOT_APPLICABLE if name in merged)
         return settings
 
-    @classmethod
-    def defaults(cls, **overrides: Any) -> "Settings":
-        """Settings from defaults only, with keyword overrides (for tests and embedding)."""
-        values = {_field_name(s.env): s.convert(s.default) for s in SPECS}
-        values.update(overrides)
-        return cls(**values)
+    @property
+    def not_applicable(self) -> tuple[str, ...]:
+        """Variables set for another server (an old gunicorn set-up) that mean nothing here."""
+        return self._not_applicable
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
         if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
             raise SettingsError(f"REDIS_URL must look like redis://host:6379/0 (or rediss://, unix://), "
                                 f"got a URL with scheme {urlsplit(self.redis_url).scheme or 'none'!r}")
@@ -268,6 +257,45 @@ class Settings:
                 "WORKERS times the configured limits. "
                 "Set REDIS_URL=redis://host:6379/0 or use WORKERS=1."
             )
+        return self
+
+
+def _first_message(e: ValidationError) -> str:
+    err = e.errors()[0]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, SettingsError):
+        return str(cause)
+    name = ".".join(str(x) for x in err["loc"]).upper() or "configuration"
+    return f"{name}: {err['msg']}"
+
+
+# Variables of the single-service reranker's gunicorn set-up: accepted in an old .env, ignored here.
+NOT_APPLICABLE = {
+    "WORKER_CLASS": "uvicorn workers are built in; set WORKERS for more processes",
+    "WORKER_CONNECTIONS": "use MAX_CONCURRENT_REQUESTS to cap requests served at once",
+}
+
+
+def not_applicable_line(settings: Settings) -> str | None:
+    """The one log line naming each variable set for another server, with what to use instead."""
+    if not settings.not_applicable:
+        return None
+    return "not applicable to this gateway, ignored: " + "; ".join(
+        f"{name} ({NOT_APPLICABLE[name]})" for name in settings.not_applicable)
+
+
+# ---- generated documentation: .env.example and the README table -------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    """A variable as documented: name, default as written in .env ("" = unset), meaning."""
+
+    env: str
+    default: str
+    help: str
+
+
+SPECS: tuple[Spec, ...] = tuple(Spec(name.upper(), f.default, f.description or "")
+                                for name, f in Settings.model_fields.items())
 
 
 def env_example_block() -> str:
@@ -286,8 +314,23 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+BLOCKS = {  # file (from the repository root) -> (block name, its comment markers, generator)
+    ".env.example": ("gateway", ("#", ""), env_example_block),
+    "README.md": ("config-table", ("<!--", "-->"), markdown_table),
+}
+
+
+def block_markers(name: str, comment: tuple[str, str]) -> tuple[str, str]:
+    return (f"{comment[0]} {name}:start {comment[1]}".strip(), f"{comment[0]} {name}:end {comment[1]}".strip())
+
+
+def read_block(text: str, name: str, comment: tuple[str, str]) -> str:
+    start, end = block_markers(name, comment)
+    return text[text.index(start) + len(start):text.index(end)]
+
+
 def _replace_block(path: Path, name: str, body: str, comment: tuple[str, str]) -> None:
-    start, end = f"{comment[0]} {name}:start {comment[1]}".strip(), f"{comment[0]} {name}:end {comment[1]}".strip()
+    start, end = block_markers(name, comment)
     text = path.read_text()
     i, j = text.index(start) + len(start), text.index(end)
     path.write_text(text[:i] + "\n" + body + text[j:])
@@ -295,5 +338,5 @@ def _replace_block(path: Path, name: str, body: str, comment: tuple[str, str]) -
 
 if __name__ == "__main__":  # python -m erproxy.settings: refresh .env.example and the README table
     root = Path(__file__).resolve().parents[1]
-    _replace_block(root / ".env.example", "gateway", env_example_block(), ("#", ""))
-    _replace_block(root / "README.md", "config-table", markdown_table(), ("<!--", "-->"))
+    for file, (block, comment, generate) in BLOCKS.items():
+        _replace_block(root / file, block, generate(), comment)

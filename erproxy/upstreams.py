@@ -5,6 +5,10 @@ checks every replica (`GET /health`, then `GET /v1/models` to learn what it serv
 refuses connections, times out or answers 5xx is ejected at once and probed again with growing
 back-off. Requests go to the healthy replica with the fewest requests in flight (ties at random) and
 are retried once on another replica after a connection failure or a 503, never after TIMEOUT.
+
+ReplicaSet routes (which replica serves a model), HealthChecks ejects and probes, Upstreams adds the
+pooled session that forwards a request. Turning an upstream's error answer into the client's error
+is `errors.upstream_error`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .errors import ApiError, bad_gateway, gateway_timeout, not_found, unavailable
+from .errors import bad_gateway, gateway_timeout, not_found, unavailable
 
 log = logging.getLogger("erproxy.upstreams")
 
@@ -66,7 +70,6 @@ class Replica:
 class UpstreamResponse:
     status: int
     body: bytes
-    content_type: str
     replica: Replica
 
 
@@ -78,133 +81,20 @@ class _ConnectionFailed(Exception):
         self.refused = refused
 
 
-class Upstreams:
-    """All replicas of all kinds, with the shared connection pool."""
+class ReplicaSet:
+    """The replicas of each kind, the models they serve, and which replica a request goes to."""
 
-    def __init__(
-        self,
-        embedding: tuple[str, ...],
-        reranker: tuple[str, ...],
-        *,
-        timeout: float,
-        pool_size: int,
-        health_interval: float,
-        default_models: dict[str, str | None] | None = None,
-    ) -> None:
+    def __init__(self, embedding: tuple[str, ...], reranker: tuple[str, ...],
+                 default_models: dict[str, str | None] | None = None) -> None:
         self.replicas: dict[str, list[Replica]] = {
             "embedding": [Replica(u, "embedding") for u in embedding],
             "reranker": [Replica(u, "reranker") for u in reranker],
         }
-        self.timeout = timeout
-        self.pool_size = pool_size
-        self.health_interval = health_interval
         self.default_models = default_models or {}
-        self.session: aiohttp.ClientSession | None = None
-        self.health_session: aiohttp.ClientSession | None = None
-        self._health_task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-
-    # ---- lifecycle -------------------------------------------------------------------------
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.pool_size, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S,
-            ttl_dns_cache=300,
-        )
-        # Bodies are passed through as bytes: never ask vLLM (or a proxy before it) to compress them.
-        self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-        )
-        # Health checks get their own small pool: with every request connection busy, a probe queued
-        # behind them would time out and eject replicas that are merely saturated.
-        self.health_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(4, 2 * len(self.all())), force_close=True),
-            skip_auto_headers=("User-Agent",))
-        await self.check_all()
-        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
-
-    async def close(self) -> None:
-        if self._health_task:
-            self._health_task.cancel()
-            try:
-                await self._health_task
-            except asyncio.CancelledError:
-                pass
-        for session in (self.session, self.health_session):
-            if session:
-                await session.close()
 
     def all(self) -> list[Replica]:
         return [r for kind in KINDS for r in self.replicas[kind]]
 
-    # ---- health ----------------------------------------------------------------------------
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(r) for r in self.all()))
-
-    async def check(self, r: Replica) -> None:
-        assert self.health_session is not None
-        timeout = aiohttp.ClientTimeout(total=min(HEALTH_TIMEOUT_S, self.timeout))
-        try:
-            async with self.health_session.get(r.url + "/health", timeout=timeout) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"/health answered {resp.status}")
-            async with self.health_session.get(r.url + "/v1/models", timeout=timeout) as resp:
-                body = await resp.read()
-                if resp.status == 200:
-                    self._learn_models(r, body)
-        except Exception as e:  # noqa: BLE001 - any failure means "not healthy now"
-            self.mark_failed(r, _describe(e), probe=True)
-            return
-        was_healthy = r.healthy
-        r.healthy, r.failures, r.last_error = True, 0, None
-        r.next_check = time.monotonic() + self.health_interval
-        if not was_healthy:
-            log.info("upstream %s (%s) is healthy, serving %s", r.url, r.kind, ", ".join(r.models) or "?")
-
-    def _learn_models(self, r: Replica, body: bytes) -> None:
-        try:
-            data = orjson.loads(body)["data"]
-            r.models = {
-                m["id"]: ModelInfo(m["id"], m.get("root"), m.get("max_model_len"), m.get("created"))
-                for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
-            }
-            r.discovered = True
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            log.warning("upstream %s answered /v1/models with something that is not a model list", r.url)
-
-    def mark_failed(self, r: Replica, reason: str, probe: bool = False) -> None:
-        """Eject a replica and schedule a probe with back-off that grows with each failed probe.
-
-        A request that fails on an already ejected replica changes nothing: eight requests in flight
-        when vLLM restarts are one failure, not eight.
-        """
-        if not probe and not r.healthy:
-            r.last_error = reason
-            return
-        r.failures = r.failures + 1 if probe else 1
-        backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (r.failures - 1))
-        r.next_check = time.monotonic() + backoff
-        r.last_error = reason
-        if r.healthy:
-            log.warning("upstream %s (%s) ejected: %s; next probe in %.1f s", r.url, r.kind, reason, backoff)
-        r.healthy = False
-        self._wake.set()
-
-    async def _health_loop(self) -> None:
-        while True:
-            now = time.monotonic()
-            due = [r for r in self.all() if r.next_check <= now]
-            if due:
-                await asyncio.gather(*(self.check(r) for r in due))
-            next_due = min((r.next_check for r in self.all()), default=now + self.health_interval)
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, next_due - time.monotonic()))
-            except asyncio.TimeoutError:
-                pass
-
-    # ---- models and routing ------------------------------------------------------------------
     def default_model(self, kind: str) -> str | None:
         configured = self.default_models.get(kind)
         if configured:
@@ -265,7 +155,144 @@ class Upstreams:
         least = min(r.in_flight for r in pool)
         return random.choice([r for r in pool if r.in_flight == least])
 
-    # ---- forwarding ----------------------------------------------------------------------------
+
+class HealthChecks:
+    """Active checks of every replica: eject on failure, probe again with back-off, learn its models."""
+
+    def __init__(self, replicas: ReplicaSet, *, timeout: float, interval: float) -> None:
+        self.replicas = replicas
+        self.timeout = timeout
+        self.interval = interval
+        self.session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        # Health checks get their own small pool: with every request connection busy, a probe queued
+        # behind them would time out and eject replicas that are merely saturated.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(4, 2 * len(self.replicas.all())), force_close=True),
+            skip_auto_headers=("User-Agent",))
+        await self.check_all()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self.session:
+            await self.session.close()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(r) for r in self.replicas.all()))
+
+    async def check(self, r: Replica) -> None:
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=min(HEALTH_TIMEOUT_S, self.timeout))
+        try:
+            async with self.session.get(r.url + "/health", timeout=timeout) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"/health answered {resp.status}")
+            async with self.session.get(r.url + "/v1/models", timeout=timeout) as resp:
+                body = await resp.read()
+                if resp.status == 200:
+                    _learn_models(r, body)
+        except Exception as e:  # noqa: BLE001 - any failure means "not healthy now"
+            self.mark_failed(r, _describe(e), probe=True)
+            return
+        was_healthy = r.healthy
+        r.healthy, r.failures, r.last_error = True, 0, None
+        r.next_check = time.monotonic() + self.interval
+        if not was_healthy:
+            log.info("upstream %s (%s) is healthy, serving %s", r.url, r.kind, ", ".join(r.models) or "?")
+
+    def mark_failed(self, r: Replica, reason: str, probe: bool = False) -> None:
+        """Eject a replica and schedule a probe with back-off that grows with each failed probe.
+
+        A request that fails on an already ejected replica changes nothing: eight requests in flight
+        when vLLM restarts are one failure, not eight.
+        """
+        if not probe and not r.healthy:
+            r.last_error = reason
+            return
+        r.failures = r.failures + 1 if probe else 1
+        backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (r.failures - 1))
+        r.next_check = time.monotonic() + backoff
+        r.last_error = reason
+        if r.healthy:
+            log.warning("upstream %s (%s) ejected: %s; next probe in %.1f s", r.url, r.kind, reason, backoff)
+        r.healthy = False
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [r for r in self.replicas.all() if r.next_check <= now]
+            if due:
+                await asyncio.gather(*(self.check(r) for r in due))
+            next_due = min((r.next_check for r in self.replicas.all()), default=now + self.interval)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, next_due - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+
+
+def _learn_models(r: Replica, body: bytes) -> None:
+    try:
+        data = orjson.loads(body)["data"]
+        r.models = {
+            m["id"]: ModelInfo(m["id"], m.get("root"), m.get("max_model_len"), m.get("created"))
+            for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
+        }
+        r.discovered = True
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        log.warning("upstream %s answered /v1/models with something that is not a model list", r.url)
+
+
+class Upstreams(ReplicaSet):
+    """The replicas with their health checks and the pooled session that forwards requests to them."""
+
+    def __init__(
+        self,
+        embedding: tuple[str, ...],
+        reranker: tuple[str, ...],
+        *,
+        timeout: float,
+        pool_size: int,
+        health_interval: float,
+        default_models: dict[str, str | None] | None = None,
+    ) -> None:
+        super().__init__(embedding, reranker, default_models)
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self.health = HealthChecks(self, timeout=timeout, interval=health_interval)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.pool_size, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+            ttl_dns_cache=300,
+        )
+        # Bodies are passed through as bytes: never ask vLLM (or a proxy before it) to compress them.
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+        )
+        await self.health.start()
+
+    async def close(self) -> None:
+        await self.health.close()
+        if self.session:
+            await self.session.close()
+
+    def mark_failed(self, r: Replica, reason: str, probe: bool = False) -> None:
+        self.health.mark_failed(r, reason, probe)
+
     async def post(self, kind: str, model: str | None, path: str, body: bytes) -> UpstreamResponse:
         """POST `body` to a replica serving `model`; map transport failures to 502/503/504."""
         candidates = self.candidates(kind, model)
@@ -308,7 +335,6 @@ class Upstreams:
             async with self.session.post(r.url + path, data=body, headers=_JSON_HEADERS, **extra) as resp:
                 data = await resp.read()
                 status = resp.status
-                ctype = resp.headers.get("Content-Type", "")
         except asyncio.TimeoutError:
             if timeout >= self.timeout:  # a retry's leftover budget says nothing about the replica
                 self.mark_failed(r, f"no answer within {timeout:.3g} s")
@@ -325,7 +351,7 @@ class Upstreams:
             r.in_flight -= 1
         if status >= 500:
             self.mark_failed(r, f"answered HTTP {status}")
-        return UpstreamResponse(status, data, ctype, r)
+        return UpstreamResponse(status, data, r)
 
 
 def _describe(e: BaseException) -> str:
@@ -335,47 +361,3 @@ def _describe(e: BaseException) -> str:
         return f"refused or unreachable ({e.os_error.strerror or e.os_error})" if e.os_error else "unreachable"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
-
-def upstream_error(resp: UpstreamResponse, kind: str) -> ApiError:
-    """Translate a non-200 upstream answer into the error the client gets."""
-    message, etype, param = _error_fields(resp.body)
-    if resp.status in (401, 403, 407, 429):
-        # vLLM's own auth or limits (e.g. started with --api-key): the client's gateway key is fine
-        return bad_gateway(f"The {kind} upstream {resp.replica.url} refused the gateway with HTTP {resp.status}"
-                           f"{': ' + message if message else ''}. Check the vLLM server's --api-key and limits.")
-    if resp.status >= 500:
-        detail = f": {message}" if message else ""
-        return bad_gateway(f"The {kind} upstream {resp.replica.url} failed with HTTP {resp.status}{detail}")
-    if message is None:
-        message = f"The {kind} upstream answered HTTP {resp.status}."
-    if resp.status == 404 and message == "Not Found":
-        message = (f"The {kind} upstream {resp.replica.url} does not offer this endpoint for the requested model "
-                   "(upstream said: Not Found). Check that the model is served for this task.")
-    return ApiError(resp.status, message, type=etype or "invalid_request_error", code=resp.status, param=param)
-
-
-def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        text = body.decode("utf-8", "replace").strip()
-        return (text[:500] or None, None, None)
-    if isinstance(doc, dict):
-        err = doc.get("error")
-        if isinstance(err, dict):
-            msg = err.get("message")
-            return (str(msg) if msg is not None else None, _openai_type(err.get("type")), err.get("param"))
-        if isinstance(err, str):
-            return (err, None, None)
-        detail = doc.get("detail") if "detail" in doc else doc.get("message")
-        if detail is not None:
-            return (detail if isinstance(detail, str) else orjson.dumps(detail).decode(), None, None)
-    return (None, None, None)
-
-
-def _openai_type(vllm_type: Any) -> str | None:
-    """vLLM names error types after exceptions (BadRequestError); clients expect OpenAI's names."""
-    mapping = {"BadRequestError": "invalid_request_error", "NotFoundError": "invalid_request_error"}
-    if isinstance(vllm_type, str):
-        return mapping.get(vllm_type, vllm_type)
-    return None

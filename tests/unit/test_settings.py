@@ -73,3 +73,88 @@ def test_readme_configuration_table_lists_every_variable():
 def test_values_that_would_break_at_run_time_are_refused_at_start(name, value):
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({name: value}, env_file="")
+
+
+def test_generated_blocks_are_in_step_with_the_declarations():
+    # .env.example and the README table are generated (python -m erproxy.settings): byte for byte
+    from erproxy.settings import BLOCKS, read_block
+
+    for file, (block, comment, generate) in BLOCKS.items():
+        text = (ROOT / file).read_text()
+        assert read_block(text, block, comment) == "\n" + generate(), \
+            f"{file} is out of date; run: python -m erproxy.settings"
+
+
+def test_each_knob_is_declared_once_with_default_and_meaning():
+    from erproxy.settings import Settings
+
+    assert [s.env for s in SPECS] == [name.upper() for name in Settings.model_fields]
+    for spec in SPECS:
+        assert spec.help.endswith("."), spec.env
+    # the declared default goes through the same rules as a configured value
+    assert Settings() == Settings.from_env({}, env_file="")
+    assert Settings().max_body_bytes == 16 * 1024 * 1024 and Settings().log_level == "info"
+
+
+def test_values_given_in_python_follow_the_same_rules():
+    s = Settings(port=3000, embedding_upstreams=("http://a:1/",), log_json=True)
+    assert (s.port, s.embedding_upstreams, s.log_json) == (3000, ("http://a:1",), True)
+    with pytest.raises(SettingsError, match="PORT"):
+        Settings(port=0)
+    with pytest.raises(SettingsError, match="NO_SUCH_KNOB"):
+        Settings(no_such_knob=1)
+
+
+def test_dotenv_follows_python_dotenv_rules(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERPROXY_TEST_HOST", "upstream.example")
+    env_file = tmp_path / ".env"
+    env_file.write_text("export EMBEDDING_UPSTREAMS=http://${ERPROXY_TEST_HOST}:8000\n"
+                        "LOG_FORMAT='%(levelname)s %(message)s'  # a comment\n"
+                        "REDIS_URL\n")
+    s = Settings.from_env({}, env_file=env_file)
+    assert s.embedding_upstreams == ("http://upstream.example:8000",)
+    assert s.log_format == "%(levelname)s %(message)s"
+    assert s.redis_url is None  # a name without a value is not set
+    assert Settings.from_env({"ENV_FILE": str(env_file)}).log_format == "%(levelname)s %(message)s"
+
+
+def test_old_single_service_variables_are_named_once_as_not_applicable(tmp_path):
+    import logging
+
+    from erproxy import cli
+    from erproxy.settings import not_applicable_line
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("WORKER_CLASS=uvicorn.workers.UvicornWorker\nACCESS_TOKEN=old-token\nWORKERS=1\n")
+    s = Settings.from_env({"WORKER_CONNECTIONS": "1000", "TIMEOUT": "120", "KEEP_ALIVE": "5"}, env_file=env_file)
+    assert s.not_applicable == ("WORKER_CLASS", "WORKER_CONNECTIONS")
+    assert (s.access_token, s.workers, s.timeout, s.keep_alive) == ("old-token", 1, 120.0, 5.0)  # these still work
+    assert Settings.from_env({}, env_file="").not_applicable == ()
+    assert not_applicable_line(Settings.from_env({}, env_file="")) is None
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("erproxy")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        cli.log_start(s, tmp_path / "keys.json", 1, tmp_path / "x.log")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [r.getMessage() for r in records if "WORKER_" in r.getMessage()]
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert "not applicable" in line and "WORKER_CLASS" in line and "WORKER_CONNECTIONS" in line
+    assert "MAX_CONCURRENT_REQUESTS" in line and "WORKERS" in line.replace("WORKER_", "")
+
+
+def test_rate_check_for_keys_create_is_the_settings_rule():
+    from erproxy.settings import validate_rate_limit
+
+    assert validate_rate_limit(" 300/minute ") == "300/minute"
+    for bad in ("lots", "0/minute", "1/second;100/minute"):
+        with pytest.raises(ValueError):
+            validate_rate_limit(bad)

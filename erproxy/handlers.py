@@ -1,0 +1,174 @@
+"""The route handlers, one per endpoint, and the route table that names them.
+
+A handler runs after routing, authentication and admission (app.py): it validates the body
+(protocol.py), forwards it (`Forwarder`), and shapes the answer. Nothing here knows ASGI beyond
+Request and Response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Any
+
+import orjson
+
+from . import __version__
+from .asgi import ClientGone, Request, Response, json_response
+from .auth import check_model_allowed, presented_key
+from .errors import bad_gateway, unauthorized, upstream_error
+from .metrics import Metrics, prompt_tokens
+from .protocol import apply_query_instruction, build_rerank_response, is_qwen3_embedding, parse_embeddings, parse_rerank
+from .routing import Route, RouteTable
+from .upstreams import KINDS, UpstreamResponse, Upstreams
+
+RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank", "/api/v1/rerank")
+DISCONNECT_WATCH_AFTER_S = 0.05
+
+
+def route_table(h: Handlers) -> RouteTable:
+    return RouteTable([
+        Route("/health", ("GET",), h.health, public=True),
+        Route("/metrics", ("GET",), h.metrics_route, public=True),  # checks METRICS_TOKEN itself
+        Route("/v1/models", ("GET",), h.models),
+        Route("/v1/embeddings", ("POST",), h.embeddings),
+        Route("/embeddings", ("POST",), h.embeddings),
+        *(Route(p, ("POST",), h.rerank) for p in RERANK_PATHS),
+    ])
+
+
+class Forwarder:
+    """Forwards a request body to an upstream; a client that disconnects meanwhile cancels it.
+
+    Watching for the disconnect takes a task, so it is armed only once the upstream has taken
+    DISCONNECT_WATCH_AFTER_S: most answers come sooner and never pay for it.
+    """
+
+    def __init__(self, upstreams: Upstreams, metrics: Metrics) -> None:
+        self.upstreams = upstreams
+        self.metrics = metrics
+
+    async def __call__(self, req: Request, kind: str, model: str | None, path: str, body: bytes) -> UpstreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        state: dict[str, Any] = {"gone": False, "watcher": None}
+
+        async def watch_disconnect() -> None:
+            while True:
+                message = await req.receive()
+                if message["type"] == "http.disconnect":
+                    state["gone"] = True
+                    task.cancel()
+                    return
+
+        def arm() -> None:
+            state["watcher"] = loop.create_task(watch_disconnect())
+
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(DISCONNECT_WATCH_AFTER_S, arm)
+        t0 = time.perf_counter()
+        try:
+            resp = await self.upstreams.post(kind, model, path, body)
+        except asyncio.CancelledError:
+            if state["gone"]:
+                raise ClientGone() from None
+            raise
+        finally:
+            timer.cancel()
+            if state["watcher"] is not None:
+                state["watcher"].cancel()
+            req.upstream_s = time.perf_counter() - t0
+        req.upstream = resp.replica.url
+        self.metrics.observe_upstream(kind, resp.replica.url, req.upstream_s)
+        return resp
+
+
+class Handlers:
+    def __init__(self, upstreams: Upstreams, metrics: Metrics, *, query_instruction: str,
+                 metrics_token: str | None) -> None:
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self.query_instruction = query_instruction
+        self.metrics_token = metrics_token
+        self.forward = Forwarder(upstreams, metrics)
+
+    async def health(self, req: Request) -> Response:
+        kinds: dict[str, Any] = {}
+        degraded: list[str] = []
+        for kind in KINDS:
+            replicas = self.upstreams.replicas[kind]
+            healthy = [r for r in replicas if r.healthy]
+            kinds[kind] = {"healthy": len(healthy), "replicas": [r.state() for r in replicas]}
+            if not healthy:
+                degraded.append(kind)
+        status = "degraded" if degraded else "ok"
+        doc = {"status": status, "version": __version__, "upstreams": kinds}
+        if degraded:
+            doc["unavailable"] = degraded
+        return json_response(doc, 503 if degraded else 200)
+
+    async def metrics_route(self, req: Request) -> Response:
+        token = self.metrics_token
+        if token:
+            given = presented_key(req) or ""
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                raise unauthorized("GET /metrics needs METRICS_TOKEN as 'Authorization: Bearer <token>'.",
+                                   code="invalid_metrics_token")
+        body, ctype = self.metrics.render(self.upstreams)
+        return Response(200, body, [(b"content-type", ctype.encode())])
+
+    async def models(self, req: Request) -> Response:
+        data: dict[str, dict[str, Any]] = {}
+        for r in self.upstreams.all():
+            for mid, info in r.models.items():
+                entry = data.setdefault(mid, {
+                    "id": mid, "object": "model", "created": info.created or 0, "owned_by": "vllm",
+                    "root": info.root, "max_model_len": info.max_model_len, "type": r.kind, "replicas": [],
+                })
+                entry["replicas"].append({"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight})
+        return json_response({"object": "list", "data": list(data.values())})
+
+    async def embeddings(self, req: Request) -> Response:
+        body = req.body
+        parsed = parse_embeddings(body)
+        model = parsed.model or self.upstreams.default_model("embedding")
+        req.model, req.items = model, parsed.items
+        check_model_allowed(req.who, model)
+        if parsed.changed:
+            info = self.upstreams.model_info(model)
+            apply_query_instruction(parsed, qwen3=is_qwen3_embedding(model, info.root if info else None),
+                                    default_instruction=self.query_instruction)
+            if model is not None:
+                parsed.doc["model"] = model
+            body = orjson.dumps(parsed.doc)
+        resp = await self.forward(req, "embedding", model, "/v1/embeddings", body)
+        if resp.status != 200:
+            raise upstream_error(resp, "embedding")
+        if not (resp.body.startswith(b"{") and resp.body.rstrip().endswith(b"}")):
+            raise bad_gateway(f"The embedding upstream {resp.replica.url} answered something that is not JSON.")
+        label = model or "-"
+        self.metrics.inputs.labels(label).inc(parsed.items)
+        tokens = prompt_tokens(resp.body)
+        if tokens:
+            self.metrics.tokens.labels(label, "embedding").inc(tokens)
+        return Response(200, resp.body)
+
+    async def rerank(self, req: Request) -> Response:
+        parsed = parse_rerank(req.body)
+        model = parsed.model or self.upstreams.default_model("reranker")
+        req.model, req.items = model, parsed.items
+        check_model_allowed(req.who, model)
+        resp = await self.forward(req, "reranker", model, "/v1/rerank", parsed.upstream_body(model))
+        if resp.status != 200:
+            raise upstream_error(resp, "reranker")
+        try:
+            out, usage = build_rerank_response(parsed, resp.body, model)
+        except (ValueError, KeyError, TypeError):
+            raise bad_gateway(f"The reranker upstream {resp.replica.url} answered something that is not a "
+                              "rerank result.") from None
+        label = model or "-"
+        self.metrics.documents.labels(label).inc(parsed.items)
+        if isinstance(usage.get("prompt_tokens"), int):
+            self.metrics.tokens.labels(label, "reranker").inc(usage["prompt_tokens"])
+        return Response(200, out)

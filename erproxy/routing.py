@@ -1,0 +1,60 @@
+"""The route table: path and method to an endpoint, or the 404/405 a client gets, in one lookup.
+
+A path with a trailing slash is served like the path without it. An endpoint is `public` when it
+skips authentication and admission (/health; /metrics checks METRICS_TOKEN itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+
+from .asgi import Request, Response
+from .errors import no_route, wrong_method
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    handler: Handler
+    public: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    methods: tuple[str, ...]
+    handler: Handler
+    public: bool = False
+
+
+class RouteTable:
+    """Routes by exact path (no patterns), each with the endpoint of every method it allows."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self._paths: dict[str, dict[str, Endpoint]] = {}
+        for r in routes:
+            endpoint = Endpoint(r.handler, r.public)
+            methods = self._paths.setdefault(r.path, {})
+            for method in r.methods:
+                methods[method] = endpoint
+
+    def match(self, path: str, method: str) -> Endpoint:
+        """The endpoint for `method` on `path`; raises the 404 or 405 (with Allow) otherwise."""
+        methods = self._paths.get(path)
+        if methods is None and path.endswith("/"):
+            methods = self._paths.get(path.rstrip("/"))
+        if methods is None:
+            raise no_route(path)
+        endpoint = methods.get(method)
+        if endpoint is None:
+            raise wrong_method(method, path, ", ".join(methods))
+        return endpoint
+
+    def label(self, path: str) -> str:
+        """The metrics label of a request path: a known route, else "other" (no client-chosen series)."""
+        return path if path in self._paths else "other"
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._paths
