@@ -2,15 +2,14 @@
 
 import re
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.procs import RedisServer
+from tests.deploy.common import EXPECTED_METRICS
 
 
-def scrape(gw, token=None) -> dict[tuple[str, tuple], float]:
+async def scrape(gw, token=None) -> dict[tuple[str, tuple], float]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    r = httpx.get(gw.url + "/metrics", headers=headers)
+    r = await gw.get("/metrics", headers=headers)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     samples = {}
     for fam in text_string_to_metric_families(r.text):
@@ -23,23 +22,24 @@ def value(samples, name, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def traffic(gw):
+async def traffic(gw):
     for _ in range(3):
-        assert httpx.post(gw.url + "/v1/embeddings", headers=gw.auth(),
-                          json={"model": "minilm", "input": ["hello world", "人工智能是计算机科学的一个分支。"]}).status_code == 200
-    assert httpx.post(gw.url + "/v1/rerank", headers=gw.auth(), json={
+        assert (await gw.post("/v1/embeddings", headers=gw.auth(),
+                              json={"model": "minilm", "input": ["hello world", "人工智能是计算机科学的一个分支。"]}
+                              )).status_code == 200
+    assert (await gw.post("/v1/rerank", headers=gw.auth(), json={
         "model": "Qwen3-Reranker-0.6B", "query": "What is AI?",
-        "documents": ["AI is artificial intelligence", "AI helps humans", "Bananas are yellow"]}).status_code == 200
-    assert httpx.post(gw.url + "/v1/embeddings", headers={"Authorization": "Bearer er-bad"},
-                      json={"input": "x"}).status_code == 401
+        "documents": ["AI is artificial intelligence", "AI helps humans", "Bananas are yellow"]})).status_code == 200
+    assert (await gw.post("/v1/embeddings", headers={"Authorization": "Bearer er-bad"},
+                          json={"input": "x"})).status_code == 401
 
 
-def test_metrics_after_known_traffic(make_gateway):
-    gw = make_gateway(RATE_LIMIT="5/minute")
-    traffic(gw)
-    assert httpx.post(gw.url + "/v1/embeddings", headers=gw.auth(), json={"input": "x"}).status_code == 200
-    assert httpx.post(gw.url + "/v1/embeddings", headers=gw.auth(), json={"input": "x"}).status_code == 429
-    m = scrape(gw)
+async def test_metrics_after_known_traffic(make_gateway):
+    gw = await make_gateway(RATE_LIMIT="5/minute")
+    await traffic(gw)
+    assert (await gw.post("/v1/embeddings", headers=gw.auth(), json={"input": "x"})).status_code == 200
+    assert (await gw.post("/v1/embeddings", headers=gw.auth(), json={"input": "x"})).status_code == 429
+    m = await scrape(gw)
     assert value(m, "erproxy_requests_total", route="/v1/embeddings", model="minilm", status="200", key="tester") == 4
     assert value(m, "erproxy_requests_total", route="/v1/rerank", model="Qwen3-Reranker-0.6B", status="200",
                  key="tester") == 1
@@ -59,45 +59,26 @@ def test_metrics_after_known_traffic(make_gateway):
     assert value(m, "erproxy_in_flight_requests") == 0
 
 
-def test_server_timing_reports_gateway_overhead(shared_gateway):
-    r = httpx.post(shared_gateway.url + "/v1/embeddings", headers=shared_gateway.auth(), json={"input": "hi"})
+async def test_server_timing_reports_gateway_overhead(gateway):
+    r = await gateway.post("/v1/embeddings", headers=gateway.auth(), json={"input": "hi"})
     m = re.fullmatch(r"gateway;dur=([\d.]+), upstream;dur=([\d.]+)", r.headers["server-timing"])
     assert m and 0 < float(m.group(1)) < 1000 and float(m.group(2)) > 0
-    assert "server-timing" in httpx.get(shared_gateway.url + "/health").headers
+    assert "server-timing" in (await gateway.get("/health")).headers
 
 
-def test_metrics_token(make_gateway):
-    gw = make_gateway(METRICS_TOKEN="scrape-secret")
-    assert httpx.get(gw.url + "/metrics").status_code == 401
-    assert httpx.get(gw.url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert "erproxy_requests_total" in httpx.get(gw.url + "/metrics",
-                                                 headers={"Authorization": "Bearer scrape-secret"}).text
+async def test_metrics_token(make_gateway):
+    gw = await make_gateway(METRICS_TOKEN="scrape-secret")
+    assert (await gw.get("/metrics")).status_code == 401
+    assert (await gw.get("/metrics", headers={"Authorization": "Bearer wrong"})).status_code == 401
+    assert "erproxy_requests_total" in (await gw.get("/metrics",
+                                                     headers={"Authorization": "Bearer scrape-secret"})).text
 
 
-def test_metrics_add_up_across_workers(make_gateway, tmp_path):
-    redis = RedisServer(tmp_path).start()
-    try:
-        gw = make_gateway(WORKERS="3", REDIS_URL=redis.url)
-        for _ in range(12):  # new connection each: spread over the workers
-            with httpx.Client() as c:
-                assert c.post(gw.url + "/v1/embeddings", headers=gw.auth(), json={"input": "hello world"}).status_code == 200
-        m = scrape(gw)
-        assert value(m, "erproxy_requests_total", route="/v1/embeddings", model="minilm", status="200",
-                     key="tester") == 12
-        assert value(m, "erproxy_inputs_total", model="minilm") == 12
-        pids = set(re.findall(r"\[(\d+)\] erproxy\.access", gw.log_file().read_text()))
-        assert len(pids) >= 2
-    finally:
-        redis.stop()
-
-
-def test_live_metrics_match_what_the_grafana_dashboard_uses(make_gateway):
-    from tests.deploy.test_deploy_files import EXPECTED_METRICS
-
-    gw = make_gateway()
-    traffic(gw)
+async def test_live_metrics_match_what_the_grafana_dashboard_uses(make_gateway):
+    gw = await make_gateway()
+    await traffic(gw)
     live: dict[str, set[str]] = {}
-    for (name, labels), _ in scrape(gw).items():
+    for (name, labels), _ in (await scrape(gw)).items():
         if name.startswith("erproxy_"):
             live.setdefault(name, set()).update(k for k, _ in labels)
     for name, labels in EXPECTED_METRICS.items():

@@ -3,42 +3,38 @@
 import httpx
 import pytest
 
-from tests.procs import start_fake
+
+@pytest.fixture
+async def qwen3_embed(fakes):
+    return await fakes.start("embed", model="Qwen3-Embedding-0.6B")
 
 
-@pytest.fixture(scope="module")
-def qwen3_embed(tmp_path_factory):
-    fake = start_fake(tmp_path_factory.mktemp("q3"), "embed", model="Qwen3-Embedding-0.6B")
-    yield fake
-    fake.stop()
+async def direct(fake, text):
+    async with httpx.AsyncClient() as c:
+        r = await c.post(fake.url + "/v1/embeddings", json={"model": "Qwen3-Embedding-0.6B", "input": text})
+    return r.json()["data"][0]["embedding"]
 
 
-def direct(fake, text):
-    return httpx.post(fake.url + "/v1/embeddings", json={"model": "Qwen3-Embedding-0.6B", "input": text}
-                      ).json()["data"][0]["embedding"]
-
-
-def via(gw, **body):
-    r = httpx.post(gw.url + "/v1/embeddings", headers=gw.auth(), json={"model": "Qwen3-Embedding-0.6B", **body})
+async def via(gw, **body):
+    r = await gw.post("/v1/embeddings", headers=gw.auth(), json={"model": "Qwen3-Embedding-0.6B", **body})
     assert r.status_code == 200, r.text
     return [d["embedding"] for d in r.json()["data"]]
 
 
-def test_qwen3_queries_get_the_model_card_instruction(make_gateway, qwen3_embed):
-    gw = make_gateway(embed=qwen3_embed.url, EMBEDDING_QUERY_INSTRUCTION="Given a web search query, retrieve "
-                      "relevant passages that answer the query")
+async def test_qwen3_queries_get_the_model_card_instruction(make_gateway, qwen3_embed):
+    gw = await make_gateway(embed=qwen3_embed.url, EMBEDDING_QUERY_INSTRUCTION="Given a web search query, retrieve "
+                            "relevant passages that answer the query")
     default = "Given a web search query, retrieve relevant passages that answer the query"
-    assert via(gw, input=["What is AI?"], input_type="query") == [
-        direct(qwen3_embed, f"Instruct: {default}\nQuery:What is AI?")]
-    assert via(gw, input="什么是人工智能？", input_type="query", instruction="检索相关段落") == [
-        direct(qwen3_embed, "Instruct: 检索相关段落\nQuery:什么是人工智能？")]
-    assert via(gw, input=["AI is artificial intelligence"], input_type="document") == [
-        direct(qwen3_embed, "AI is artificial intelligence")]
-    assert via(gw, input="plain") == [direct(qwen3_embed, "plain")]
+    assert await via(gw, input=["What is AI?"], input_type="query") == [
+        await direct(qwen3_embed, f"Instruct: {default}\nQuery:What is AI?")]
+    assert await via(gw, input="什么是人工智能？", input_type="query", instruction="检索相关段落") == [
+        await direct(qwen3_embed, "Instruct: 检索相关段落\nQuery:什么是人工智能？")]
+    assert await via(gw, input=["AI is artificial intelligence"], input_type="document") == [
+        await direct(qwen3_embed, "AI is artificial intelligence")]
+    assert await via(gw, input="plain") == [await direct(qwen3_embed, "plain")]
 
 
-def test_instruction_on_token_ids_is_a_clear_400(make_gateway, qwen3_embed):
-    gw = make_gateway(embed=qwen3_embed.url)
-    r = httpx.post(gw.url + "/v1/embeddings", headers=gw.auth(),
-                   json={"input": [[1, 2, 3]], "input_type": "query"})
+async def test_instruction_on_token_ids_is_a_clear_400(make_gateway, qwen3_embed):
+    gw = await make_gateway(embed=qwen3_embed.url)
+    r = await gw.post("/v1/embeddings", headers=gw.auth(), json={"input": [[1, 2, 3]], "input_type": "query"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "instruction"

@@ -1,0 +1,42 @@
+"""Requests the gateway refuses or vLLM refuses: the status and the OpenAI-shaped error a client gets."""
+
+from tests.fakes.fake_vllm import load_fixtures
+
+FX = load_fixtures()
+
+
+async def test_unknown_route_and_method(gateway):
+    r = await gateway.get("/v1/nothing", headers=gateway.auth())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = await gateway.get("/v1/embeddings", headers=gateway.auth())
+    assert r.status_code == 405
+
+
+async def test_unknown_model_is_404_naming_the_served_models(gateway):
+    r = await gateway.post("/v1/embeddings", json={"model": "nope", "input": "x"}, headers=gateway.auth())
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "model_not_found" and "minilm" in err["message"] and err["param"] == "model"
+
+
+async def test_upstream_4xx_passes_through_in_openai_shape(gateway):
+    r = await gateway.post("/v1/embeddings", headers=gateway.auth(),
+                           json={"model": "minilm", "input": "hello", "dimensions": 64})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == FX["embed_dimensions"]["response"]["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    r = await gateway.post("/v1/embeddings", headers=gateway.auth(),
+                           json={"model": "minilm", "input": "word " * 2000})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+
+
+async def test_embedding_on_reranker_model_explains_the_404(gateway):
+    r = await gateway.post("/v1/embeddings", headers=gateway.auth(), json={"model": "Qwen3-Reranker-0.6B", "input": "x"})
+    assert r.status_code == 404
+    assert "does not offer this endpoint" in r.json()["error"]["message"]
+
+
+async def test_invalid_json_is_400(gateway):
+    r = await gateway.post("/v1/embeddings", headers={**gateway.auth(), "content-type": "application/json"},
+                           content=b"{nope")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"

@@ -1,0 +1,72 @@
+"""vLLM misbehaving, down or slow: the answer a client gets, and health checks that keep working."""
+
+import asyncio
+import time
+
+import pytest
+
+from tests.procs import free_port
+
+
+async def post_embed(gw, **kw):
+    return await gw.post("/v1/embeddings", json={"model": "minilm", "input": "hello world"},
+                         headers=kw.pop("headers", gw.auth()), timeout=kw.pop("timeout", 30), **kw)
+
+
+@pytest.mark.parametrize("mode", ["error500", "garbage", "badjson", "reset"])
+async def test_upstream_garbage_or_5xx_is_502(fake_embed, fake_rerank, make_gateway, mode):
+    gw = await make_gateway(embed=fake_embed.url, rerank=fake_rerank.url)
+    fake_embed.set_mode(mode)
+    fake_rerank.set_mode(mode)
+    r = await post_embed(gw)
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["type"] == "upstream_error"
+    r = await gw.post("/v1/rerank", headers=gw.auth(), json={"query": "q", "documents": ["a"]})
+    assert r.status_code == 502
+
+
+async def test_unreachable_upstream_is_503_and_health_degraded(make_gateway, fake_rerank):
+    closed = f"http://127.0.0.1:{free_port()}"
+    gw = await make_gateway(embed=closed)
+    r = await post_embed(gw)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable"
+    assert "check_models_status" in r.json()["error"]["message"]
+    h = await gw.get("/health")
+    assert h.status_code == 503 and h.json()["status"] == "degraded" and h.json()["unavailable"] == ["embedding"]
+    ok = await gw.post("/v1/rerank", headers=gw.auth(), json={"query": "q", "documents": ["a"]})
+    assert ok.status_code == 200  # the other model still serves
+
+
+async def test_hanging_upstream_is_504_at_timeout(fake_embed, fake_rerank, make_gateway):
+    gw = await make_gateway(embed=fake_embed.url, rerank=fake_rerank.url, TIMEOUT="1")
+    fake_embed.set_mode("hang")
+    t0 = time.monotonic()
+    r = await post_embed(gw)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+    assert 0.9 <= elapsed < 5
+
+
+async def test_vllm_auth_errors_are_502_not_the_clients_401(fake_embed, make_gateway):
+    gw = await make_gateway(embed=fake_embed.url)
+    fake_embed.set_mode("unauthorized")
+    r = await gw.post("/v1/embeddings", headers=gw.auth(), json={"input": "x"})
+    assert r.status_code == 502 and "--api-key" in r.json()["error"]["message"]
+
+
+async def test_upstream_is_never_asked_to_compress(fake_embed, make_gateway):
+    gw = await make_gateway(embed=fake_embed.url)
+    assert (await gw.post("/v1/embeddings", headers=gw.auth(), json={"input": "x"})).status_code == 200
+    headers = {k.lower(): v for k, v in fake_embed.stats()["last_headers"].items()}
+    assert "gzip" not in headers.get("accept-encoding", "")
+
+
+async def test_health_checks_do_not_queue_behind_busy_request_connections(fakes, make_gateway):
+    slow = await fakes.start("embed", delay=7)
+    gw = await make_gateway(embed=slow.url, MAX_CONCURRENT_REQUESTS="2", TIMEOUT="30")
+    busy = [asyncio.create_task(gw.post("/v1/embeddings", json={"input": f"s{i}"}, headers=gw.auth(), timeout=30))
+            for i in range(2)]
+    await asyncio.sleep(6)  # both pooled connections busy for longer than a health check's 5 s timeout
+    h = await gw.get("/health")
+    assert h.status_code == 200 and h.json()["upstreams"]["embedding"]["replicas"][0]["healthy"] is True
+    await asyncio.gather(*busy)

@@ -1,0 +1,65 @@
+"""Real client connections to a gateway process: a stalled upload, a client that hangs up, curl."""
+
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.procs import set_fake_mode, start_fake
+
+
+@pytest.fixture
+def own_fakes(tmp_path):
+    embed, rerank = start_fake(tmp_path, "embed"), start_fake(tmp_path, "rerank")
+    yield embed, rerank
+    embed.stop()
+    rerank.stop()
+
+
+def post_embed(gw, **kw):
+    return httpx.post(gw.url + "/v1/embeddings", json={"model": "minilm", "input": "hello world"},
+                      headers=kw.pop("headers", gw.auth()), timeout=kw.pop("timeout", 30), **kw)
+
+
+def test_slow_body_gets_408_and_holds_no_concurrency_slot(make_gateway):
+    gw = make_gateway(MAX_CONCURRENT_REQUESTS="1", BODY_TIMEOUT="1.5")
+    port = int(gw.env["PORT"])
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + gw.key.encode() +
+              b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"inp")  # and then nothing
+    time.sleep(0.3)
+    ok = httpx.post(gw.url + "/v1/embeddings", headers=gw.auth(), json={"input": "x"})
+    assert ok.status_code == 200  # the stalled upload does not hold the only slot
+    s.settimeout(10)
+    answer = s.recv(4096).decode()
+    s.close()
+    assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
+
+
+def test_client_disconnect_cancels_the_upstream_request(own_fakes, make_gateway):
+    embed, rerank = own_fakes
+    gw = make_gateway(embed=embed.url, rerank=rerank.url, TIMEOUT="120")
+    set_fake_mode(embed, "hang")
+    with pytest.raises(httpx.ReadTimeout):
+        post_embed(gw, timeout=1.0)
+
+    def in_flight():
+        return httpx.get(gw.url + "/health").json()["upstreams"]["embedding"]["replicas"][0]["in_flight"]
+
+    deadline = time.monotonic() + 5
+    while in_flight() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert in_flight() == 0  # without cancellation it would stay 1 for TIMEOUT=120 s
+    assert "status=499" in gw.log_file().read_text()
+
+
+def test_curl_works_with_api_key_in_query(shared_gateway):
+    out = subprocess.run(
+        ["curl", "-sS", "-w", "\\n%{http_code}", f"{shared_gateway.url}/v1/rerank?api_key={shared_gateway.key}",
+         "-H", "Content-Type: application/json",
+         "-d", '{"query": "What is AI?", "documents": ["Bananas are yellow", "AI is artificial intelligence"]}'],
+        capture_output=True, text=True, timeout=30, check=True).stdout
+    body, status = out.rsplit("\n", 1)
+    assert status == "200" and '"index":1' in body

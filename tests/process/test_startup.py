@@ -1,0 +1,48 @@
+"""Starting the gateway process: the first key printed once, and start-ups refused with a reason."""
+
+import os
+import stat
+from pathlib import Path
+
+import httpx
+
+from tests.procs import gateway_env, start_gateway
+
+
+def test_first_start_creates_key_file_and_prints_key_once(tmp_path, fake_embed, fake_rerank):
+    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url)
+    keys_file = Path(env["API_KEYS_FILE"])
+    proc = start_gateway(tmp_path, env)
+    try:
+        out = proc.output()
+        key = next(w for w in out.split() if w.startswith("er-") and len(w) > 30)
+        assert stat.S_IMODE(os.stat(keys_file).st_mode) == 0o600
+        assert key not in keys_file.read_text()
+        assert key not in (Path(env["LOG_DIR"]) / "embedding_reranker_proxy.log").read_text()
+        r = httpx.get(proc.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+    finally:
+        proc.stop()
+    before = keys_file.read_bytes()
+    proc = start_gateway(tmp_path, env)  # second start: same file, no new key printed
+    try:
+        assert keys_file.read_bytes() == before
+        assert "A new API key" not in proc.output()
+    finally:
+        proc.stop()
+
+
+def test_corrupt_key_file_stops_start_up_untouched(tmp_path, fake_embed, fake_rerank):
+    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url)
+    Path(env["API_KEYS_FILE"]).write_text('{"keys": [oops')
+    proc = start_gateway(tmp_path, env, wait=False)
+    assert proc.popen.wait(30) != 0
+    assert "not valid JSON" in proc.output() and env["API_KEYS_FILE"] in proc.output()
+    assert Path(env["API_KEYS_FILE"]).read_text() == '{"keys": [oops'
+
+
+def test_bad_configuration_stops_start_up_naming_the_variable(tmp_path, fake_embed, fake_rerank):
+    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, RATE_LIMIT="fast please")
+    proc = start_gateway(tmp_path, env, wait=False)
+    assert proc.popen.wait(30) == 2
+    assert "RATE_LIMIT" in proc.output()
