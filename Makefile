@@ -11,6 +11,17 @@ GATEWAY_PORT ?= $(or $(PORT),2048)
 
 .PHONY: help setup system-deps vllm-setup test test-fast test-e2e run stop status clean
 
+# pid=the PID in $(LOG_DIR)/gateway.pid if that process is alive and is the gateway, else empty.
+# A PID file outlives a crash or a reboot and its PID can be reused by an unrelated process: never
+# signal that one (the same guard as is_vllm_pid in scripts/common.sh, on /proc/PID/cmdline).
+GATEWAY_PID = pid=$$(tr -dc 0-9 < $(LOG_DIR)/gateway.pid 2>/dev/null); \
+	if [ -z "$$pid" ] || ! kill -0 "$$pid" 2>/dev/null || \
+	   ! { tr '\0' ' ' < /proc/$$pid/cmdline 2>/dev/null || ps -o args= -p "$$pid" 2>/dev/null; } \
+	     | grep -q embedding_reranker_proxy; then pid=; fi
+# A PID file whose process is gone or is not the gateway: say so and remove it.
+DROP_STALE_GATEWAY_PID = if [ -f $(LOG_DIR)/gateway.pid ]; then \
+	  echo "gateway not running (stale $(LOG_DIR)/gateway.pid removed)"; rm -f $(LOG_DIR)/gateway.pid; fi
+
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -41,9 +52,11 @@ run: setup ## start the models and the gateway, print the key and a curl to try
 	./start_vllm_models.sh all
 	@mkdir -p $(LOG_DIR)
 	@$(PY) embedding_reranker_proxy.py keys init
-	@if [ -f $(LOG_DIR)/gateway.pid ] && kill -0 $$(cat $(LOG_DIR)/gateway.pid) 2>/dev/null; then \
-	  echo "gateway already running (pid $$(cat $(LOG_DIR)/gateway.pid))"; \
+	@$(GATEWAY_PID); \
+	if [ -n "$$pid" ]; then \
+	  echo "gateway already running (pid $$pid)"; \
 	else \
+	  $(DROP_STALE_GATEWAY_PID); \
 	  setsid nohup $(PY) embedding_reranker_proxy.py >> $(LOG_DIR)/gateway.out 2>&1 < /dev/null & echo $$! > $(LOG_DIR)/gateway.pid; \
 	  for i in $$(seq 1 60); do curl -sf http://127.0.0.1:$(GATEWAY_PORT)/health >/dev/null && break; sleep 0.5; done; \
 	fi
@@ -57,7 +70,9 @@ run: setup ## start the models and the gateway, print the key and a curl to try
 	@echo "Stop everything with: make stop"
 
 stop: ## stop the gateway and the models started by make run
-	@if [ -f $(LOG_DIR)/gateway.pid ]; then kill $$(cat $(LOG_DIR)/gateway.pid) 2>/dev/null && echo "gateway stopped" || true; rm -f $(LOG_DIR)/gateway.pid; fi
+	@$(GATEWAY_PID); \
+	if [ -n "$$pid" ]; then kill $$pid 2>/dev/null && echo "gateway stopped" || true; rm -f $(LOG_DIR)/gateway.pid; \
+	else $(DROP_STALE_GATEWAY_PID); fi
 	./stop_vllm_models.sh all
 
 status: ## models and gateway status
