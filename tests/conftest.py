@@ -1,4 +1,8 @@
-"""Shared fixtures: fake vLLM upstreams and gateway processes on loopback."""
+"""Shared fixtures: fake vLLM upstreams and gateway processes on loopback.
+
+For tests that need processes (tests/process, tests/scale, tests/deploy); tests/api drives the app
+in-process with its own fixtures of the same names (tests/api/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def make_gateway(tmp_path: Path, fake_embed: Proc, fake_rerank: Proc) -> Iterato
 
 @pytest.fixture(scope="module")
 def shared_gateway(tmp_path_factory: pytest.TempPathFactory, fake_embed: Proc, fake_rerank: Proc) -> Iterator[Gateway]:
-    """One gateway process for the read-only API tests of a module."""
+    """One gateway process for the read-only tests of a module."""
     d = tmp_path_factory.mktemp("shared_gw")
     env = gateway_env(d, fake_embed.url, fake_rerank.url, RATE_LIMIT="100000/minute",
                       ACCESS_TOKEN="static-test-token-" + d.name)

@@ -1,4 +1,7 @@
-"""Start and stop real processes for tests: fake vLLM upstreams and the gateway itself."""
+"""Start and stop real processes for tests: fake vLLM upstreams, the gateway itself, redis-server.
+
+free_port, Proc, spawn and the wait loop are devtools/procs.py's, shared with bench/.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ from erproxy.keys import KeyRecord, display_prefix, generate_key, hash_key, utc_
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "Proc", "free_port", "wait_http", "start_fake", "set_fake_mode", "fake_stats", "make_key_file",
-           "Gateway", "gateway_env", "start_gateway", "RedisServer"]
+__all__ = ["ROOT", "Proc", "free_port", "spawn", "wait_http", "start_fake", "set_fake_mode", "fake_stats",
+           "make_key_file", "Gateway", "gateway_env", "start_gateway", "RedisServer"]
 
 
 def wait_http(url: str, timeout: float = 20.0, proc: Proc | subprocess.Popen | None = None,
