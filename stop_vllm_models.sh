@@ -17,8 +17,11 @@ USAGE
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
 parse_args "" "$@"
 
-# group_alive PGID: any process left in the group?
-group_alive() { [[ -n "$1" ]] && kill -0 -- "-$1" 2>/dev/null; }
+# group_alive PGID: any process left in the group (zombies waiting to be reaped do not count)?
+group_alive() {
+    [[ -n "$1" ]] && kill -0 -- "-$1" 2>/dev/null || return 1
+    ps -eo pgid=,stat= 2>/dev/null | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
+}
 
 # signal_target SIG PID PGID: the whole group when the server leads its own group, else the PID
 # and its direct children.

@@ -155,7 +155,12 @@ read_pid() {
     echo "$pid"
 }
 
-pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+# pid_alive PID: the process exists and has not exited (an exited child nobody has reaped yet, a
+# zombie, counts as gone: without an init that reaps, it would otherwise "run" forever).
+pid_alive() {
+    [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null || return 1
+    [[ "$(ps -o stat= -p "$1" 2>/dev/null)" != Z* ]]
+}
 
 # http_status URL: HTTP status code, or 000 when nothing answers.
 http_status() {

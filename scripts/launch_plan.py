@@ -364,6 +364,7 @@ def shell_assignments(plan: Plan) -> str:
         if mp.gpu is not None:
             out.append(f"PLAN_GPU[{m}]={mp.gpu.index}")
             out.append(f"PLAN_GPU_NAME[{m}]={q(mp.gpu.name)}")
+        if mp.gpu is not None and mp.fraction is not None:   # none for a model running already
             out.append(f"PLAN_MEMORY[{m}]={mp.fraction:.2f}")
             out.append(f"PLAN_MEMORY_MIB[{m}]={mp.mib}")
     shown = [mp.model for mp in plan.models if mp.start]
