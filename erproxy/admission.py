@@ -4,9 +4,8 @@ Two gates, checked in this order after authentication:
 - a per-key rate limit (moving window, `limits` async API), 429 `rate_limit_exceeded` + Retry-After;
 - a global concurrency cap, 429 `concurrency_limit_exceeded`.
 State lives in this process (`MemoryAdmission`, on `LocalWindowStorage`) or in Redis when several
-workers or gateway instances must share exact limits (see `redis_admission.py`). `Gate` is the
-admission step of the request flow: it asks the backend and counts each refusal in the metrics.
-Time comes from an injected clock (`time.time` unless a test passes its own).
+workers or gateway instances must share exact limits (see `redis_admission.py`). Time comes
+from an injected clock (`time.time` unless a test passes its own).
 """
 
 from __future__ import annotations
@@ -14,17 +13,14 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 from limits import RateLimitItem, parse as parse_rate
 from limits.aio.storage import MovingWindowSupport, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from .errors import ApiError, concurrency_exceeded, rate_limited
+from .errors import concurrency_exceeded, rate_limited
 from .keys import Identity
-
-if TYPE_CHECKING:
-    from .metrics import Metrics
 
 Clock = Callable[[], float]
 
@@ -212,36 +208,3 @@ class MemoryAdmission:
     def in_flight(self) -> int:
         return self._in_flight
 
-
-class Gate:
-    """The admission step of the request flow: the rate limit, then a slot; each refusal counted."""
-
-    __slots__ = ("admission", "_rate_refusals", "_slot_refusals", "_in_flight")
-
-    def __init__(self, admission: Admission, metrics: Metrics) -> None:
-        self.admission = admission
-        self._rate_refusals = metrics.rejections.labels("rate_limit")
-        self._slot_refusals = metrics.rejections.labels("concurrency")
-        self._in_flight = metrics.in_flight
-
-    async def limit_rate(self, who: Identity) -> None:
-        try:
-            await self.admission.enforce_rate_limit(who)
-        except ApiError as e:
-            if e.status == 429:
-                self._rate_refusals.inc()
-            raise
-
-    async def take_slot(self) -> object:
-        try:
-            slot = await self.admission.acquire()
-        except ApiError as e:
-            if e.status == 429:
-                self._slot_refusals.inc()
-            raise
-        self._in_flight.inc()
-        return slot
-
-    async def free_slot(self, slot: object) -> None:
-        self._in_flight.dec()
-        await self.admission.release(slot)

@@ -3,6 +3,7 @@
 A request goes, one named step each: route (routing.py: 404/405) -> authenticate (auth.py: 401)
 -> rate limit (admission.py: 429) -> read the body (asgi.py: 413/408) -> concurrency slot
 (admission.py: 429) -> handler (handlers.py) -> send -> record (metrics and the access log).
+Each step raises the ApiError that ends the request; `handle` turns it into the answer.
 Plain calls, no middleware classes: every layer on the hot path costs throughput (bench/).
 """
 
@@ -12,8 +13,8 @@ import asyncio
 import logging
 import time
 
-from .admission import Admission, Gate, MemoryAdmission
-from .asgi import ClientGone, Receive, Request, Response, Scope, Send, error_response, read_body, send_response
+from .admission import Admission, MemoryAdmission
+from .asgi import ClientGone, Receive, Request, Response, Scope, Send, error_response, read_body, response_start
 from .auth import authenticate
 from .errors import ApiError, unexpected
 from .handlers import Handlers, route_table
@@ -68,15 +69,14 @@ class Services:
 class Gateway:
     """ASGI callable: the lifespan starts the services; each HTTP request takes the steps in `serve`."""
 
-    def __init__(self, services: Services, routes: RouteTable, gate: Gate, *, max_body_bytes: int,
-                 body_timeout: float) -> None:
+    def __init__(self, services: Services, routes: RouteTable, *, max_body_bytes: int, body_timeout: float) -> None:
         self.services = services
         self.routes = routes
-        self.gate = gate
         self.keys = services.keys
         self.admission = services.admission
         self.upstreams = services.upstreams
         self.metrics = services.metrics
+        self.in_flight = services.metrics.in_flight
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
 
@@ -109,13 +109,15 @@ class Gateway:
             response = await self.serve(req)
         except ApiError as e:
             response = error_response(e)
+            self.metrics.observe_refusal(e.code)
         except ClientGone:
             self.record(req, 499)
             return
         except Exception:  # noqa: BLE001 - never leak a traceback to the client
             log.exception("unhandled error on %s %s", req.method, req.path)
             response = error_response(unexpected())
-        await send_response(send, req, response)
+        await send(response_start(req, response))
+        await send({"type": "http.response.body", "body": response.body})
         self.record(req, response.status)
 
     async def serve(self, req: Request) -> Response:
@@ -124,16 +126,18 @@ class Gateway:
         if endpoint.public:
             return await endpoint.handler(req)
         req.who = authenticate(req, self.keys)
-        await self.gate.limit_rate(req.who)
+        await self.admission.enforce_rate_limit(req.who)
         if req.method == "POST":
             # The whole body, under a deadline, before a slot is taken: a client that trickles its
             # body must not hold one of MAX_CONCURRENT_REQUESTS slots while it does.
             req.body = await read_body(req, self.max_body_bytes, self.body_timeout)
-        slot = await self.gate.take_slot()
+        slot = await self.admission.acquire()
+        self.in_flight.inc()
         try:
             return await endpoint.handler(req)
         finally:
-            await self.gate.free_slot(slot)
+            self.in_flight.dec()
+            await self.admission.release(slot)
 
     def record(self, req: Request, status: int) -> None:
         """Metrics and the access log line of an answered (or abandoned) request."""
@@ -171,7 +175,7 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Gatewa
     metrics = Metrics()
     handlers = Handlers(upstreams, metrics, query_instruction=settings.embedding_query_instruction,
                         metrics_token=settings.metrics_token)
-    return Gateway(Services(keys, admission, upstreams, metrics), route_table(handlers), Gate(admission, metrics),
+    return Gateway(Services(keys, admission, upstreams, metrics), route_table(handlers),
                    max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
 
 

@@ -93,10 +93,9 @@ async def read_body(req: Request, limit: int, timeout: float) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def send_response(send: Send, req: Request, response: Response) -> None:
-    """Send `response` with a Server-Timing header that splits the gateway's time from the upstream's."""
+def response_start(req: Request, response: Response) -> dict[str, Any]:
+    """The response's start message, with a Server-Timing header: the gateway's time, the upstream's."""
     total = time.perf_counter() - req.start
     response.headers.append((b"server-timing", (
         f"gateway;dur={(total - req.upstream_s) * 1000:.3f}, upstream;dur={req.upstream_s * 1000:.3f}").encode()))
-    await send({"type": "http.response.start", "status": response.status, "headers": response.headers})
-    await send({"type": "http.response.body", "body": response.body})
+    return {"type": "http.response.start", "status": response.status, "headers": response.headers}

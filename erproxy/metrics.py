@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+# error code of an admission refusal -> its `reason` label
+REFUSALS = {"rate_limit_exceeded": "rate_limit", "concurrency_limit_exceeded": "concurrency"}
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 
 
@@ -55,8 +57,7 @@ class Metrics:
         self.documents = Counter("erproxy_documents", "Documents reranked.", ["model"], registry=r)
         self.tokens = Counter("erproxy_tokens", "Prompt tokens processed, from upstream usage.", ["model", "kind"],
                               registry=r)
-        for reason in ("rate_limit", "concurrency"):
-            self.rejections.labels(reason)
+        self._refusals = {code: self.rejections.labels(reason) for code, reason in REFUSALS.items()}
         # labels() costs a lock and a tuple build per call; the hot path looks children up here instead
         self._request_children: dict[tuple[str, str, int, str], Any] = {}
         self._route_children: dict[str, tuple[Any, Any]] = {}
@@ -73,6 +74,12 @@ class Metrics:
             hists = self._route_children[route] = (self.duration.labels(route), self.overhead.labels(route))
         hists[0].observe(total)
         hists[1].observe(total - upstream if total > upstream else 0.0)
+
+    def observe_refusal(self, code: str | int | None) -> None:
+        """Count an error answer that is an admission refusal (rate limit or concurrency cap)."""
+        counter = self._refusals.get(code)  # type: ignore[arg-type]
+        if counter is not None:
+            counter.inc()
 
     def observe_upstream(self, kind: str, replica: str, seconds: float) -> None:
         k = (kind, replica)

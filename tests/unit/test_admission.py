@@ -5,10 +5,9 @@ from limits import parse
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
-from erproxy.admission import Gate, LocalWindowStorage, MemoryAdmission
+from erproxy.admission import LocalWindowStorage, MemoryAdmission
 from erproxy.errors import ApiError
 from erproxy.keys import Identity
-from erproxy.metrics import Metrics
 
 
 class Clock:
@@ -76,24 +75,6 @@ async def test_concurrency_cap_and_release():
     await adm.release(a)
     await adm.acquire()
     assert adm.in_flight() == 2
-
-
-async def test_gate_counts_each_refusal_and_the_requests_in_flight():
-    metrics = Metrics()
-    gate = Gate(MemoryAdmission("1/minute", 1, clock=Clock()), metrics)
-    who = Identity("k", "er-k")
-    await gate.limit_rate(who)
-    with pytest.raises(ApiError):
-        await gate.limit_rate(who)
-    slot = await gate.take_slot()
-    with pytest.raises(ApiError):
-        await gate.take_slot()
-    value = metrics.registry.get_sample_value
-    assert value("erproxy_rejections_total", {"reason": "rate_limit"}) == 1
-    assert value("erproxy_rejections_total", {"reason": "concurrency"}) == 1
-    assert value("erproxy_in_flight_requests") == 1
-    await gate.free_slot(slot)
-    assert value("erproxy_in_flight_requests") == 0
 
 
 async def test_window_storage_counts_every_hit_and_sweeps_idle_keys():
