@@ -4,7 +4,8 @@
 #
 # Configuration comes from the environment first, then from `.env` in the repository root
 # (ENV_FILE names another file; ENV_FILE= disables it; a value already set in the environment
-# always wins), then from the defaults below.
+# always wins; the file is read with the gateway's python-dotenv rules), then from the defaults
+# below. A .env of the single-service reranker API works too (see the aliases below).
 
 # Repository root: the directory above scripts/.
 ERP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,6 +47,9 @@ from_dotenv() { [[ " $ERP_DOTENV_KEYS " == *" $1 "* ]]; }
 # names below; ACCESS_TOKEN, WORKERS, TIMEOUT, KEEP_ALIVE and PORT are the gateway's;
 # TOKENIZERS_PARALLELISM and PYTORCH_CUDA_ALLOC_CONF reach the vLLM processes through the
 # environment; WORKER_CLASS and WORKER_CONNECTIONS do not apply (start_vllm_models.sh says so).
+# <MODEL>_MODEL_PATH_FROM: the variable a model path came from (a relative path is relative to
+# the .env when that variable came from it).
+EMBEDDING_MODEL_PATH_FROM=EMBEDDING_MODEL_PATH
 RERANKER_MODEL_PATH_FROM=RERANKER_MODEL_PATH
 if [[ -z "${RERANKER_MODEL_PATH:-}" && -n "${MODEL_NAME_OR_PATH:-}" ]]; then
     RERANKER_MODEL_PATH="$MODEL_NAME_OR_PATH"; RERANKER_MODEL_PATH_FROM=MODEL_NAME_OR_PATH
@@ -249,8 +253,7 @@ local_model_path() {
 resolve_models() {
     local offline_dir="" m origin base
     for m in $ALL_MODELS; do
-        origin="$(mvar "$m" MODEL_PATH)"
-        [[ "$m" == reranker ]] && origin="$RERANKER_MODEL_PATH_FROM"
+        origin="$(mget "$m" MODEL_PATH_FROM)"
         base="$ERP_CALLER_PWD"; from_dotenv "$origin" && base="$ERP_ENV_DIR"
         mset "$m" MODEL_PATH "$(local_model_path "$(mget "$m" MODEL_PATH)" "$base")"
     done

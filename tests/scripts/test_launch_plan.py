@@ -69,6 +69,12 @@ def test_four_gpus_take_any_configured_index() -> None:
     assert (p.get("embedding").gpu.index, p.get("reranker").gpu.index) == (3, 2)
 
 
+def test_two_models_placed_on_one_gpu_of_a_multi_gpu_host_share_it() -> None:
+    p = plan("h100x2", EMBEDDING_GPU="0")
+    assert [(m.gpu.index, m.fraction, m.stage) for m in p.models] == [(0, 0.45, 1), (0, 0.45, 2)]
+    fits_vllm_check(p)
+
+
 def test_t4_gets_float16_for_auto_precision_and_fits_both_models() -> None:
     p = plan("t4")
     assert [m.dtype for m in p.models] == ["float16", "float16"]
