@@ -200,3 +200,16 @@ def test_scripts_share_one_command_line(sim, script: str) -> None:
     wrong = s.run(script, "--bogus")
     assert wrong.returncode == 2 and "unknown argument: --bogus (see --help)" in wrong.stderr
     assert s.run(script, "--dry-run" if script != "start_vllm_models.sh" else "--json").returncode == 2
+
+
+def test_when_the_first_server_on_a_gpu_fails_the_second_is_not_started(sim, tmp_path) -> None:
+    s = sim("h100x1")
+    minilm = write_model(tmp_path / "all-MiniLM-L6-v2", "BertModel", "float32", 512)
+    result = s.run("start_vllm_models.sh", "all", EMBEDDING_MODEL_PATH=str(minilm), MAX_SEQ_LENGTH="1024")
+    assert result.returncode == 1
+    assert "embedding: vLLM exited during start-up" in result.stderr
+    assert "User-specified max_model_len (1024)" in result.stderr          # the log tail shows vLLM's reason
+    assert "not started: reranker" in result.stderr and "failed to start: embedding" in result.stderr
+    assert (s.log_dir / "embedding_model.log").exists() and not (s.log_dir / "reranker_model.log").exists()
+    assert not list(s.log_dir.glob("*.pid")) and not list(s.log_dir.glob("*.gpu"))
+    assert s.held_mib() == {}
