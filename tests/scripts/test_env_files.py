@@ -155,3 +155,15 @@ def test_our_own_names_win_over_the_single_service_ones(sim, tmp_path, override,
     result = s.run("start_vllm_models.sh", "reranker", "--dry-run", **override)
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout
+
+
+def test_a_env_file_naming_bash_own_variables_does_not_break_the_scripts(sim, tmp_path) -> None:
+    env_file = tmp_path / "odd.env"
+    env_file.write_text("UID=5\nSECONDS=3\nBASH_ENV=/nonexistent\nEMBEDDING_PORT=18555\n")
+    s: Sim = sim("h100x1")
+    env = {**{k: v for k, v in s.env.items() if k != "EMBEDDING_PORT"}, "ENV_FILE": str(env_file)}
+    result = subprocess.run(["bash", str(ROOT / "start_vllm_models.sh"), "embedding", "--dry-run"], env=env,
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "--port 18555" in result.stdout
+    assert "UID in" in result.stderr and "the shell owns that name" in result.stderr
