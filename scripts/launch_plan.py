@@ -94,6 +94,7 @@ class ModelPlan:
     gpu: Gpu | None = None
     fraction: float | None = None
     memory_source: str = ""     # the setting the fraction came from (for messages)
+    memory_setting: str = ""    # how messages show it: "RERANKER_GPU_MEMORY=0.97 (its default)"
     stage: int = 1
     start: bool = True
     running: bool = False
@@ -269,13 +270,14 @@ def _plan_memory(env: Mapping[str, str], plan: Plan, gpu: Gpu, here: list[ModelP
         var = f"{PREFIX[mp.model]}_GPU_MEMORY"
         value = _fraction(env, var)
         if value is not None:
-            mp.fraction, mp.memory_source = value, var
+            mp.fraction, mp.memory_source, mp.memory_setting = value, var, f"{var}={value:g}"
             explicit.append(mp)
     auto = [mp for mp in pending if mp.fraction is None]
     total = gpu.vllm_total
     if auto and len(plan.gpus) >= 2 and len(here) == 1 and not percent_set:
         mp = auto[0]
         mp.fraction, mp.memory_source = SEED_MEMORY[mp.model], f"{PREFIX[mp.model]}_GPU_MEMORY"
+        mp.memory_setting = f"{mp.memory_source}={mp.fraction:g} (its default)"
         plan.notes.append(f"{gpu.label()}: {mp.model} alone, --gpu-memory-utilization {mp.fraction:.2f} "
                           f"(the default of {mp.memory_source}; MAX_MEMORY_PERCENTAGE sets a budget instead)")
     elif auto:
@@ -306,6 +308,7 @@ def _plan_memory(env: Mapping[str, str], plan: Plan, gpu: Gpu, here: list[ModelP
         fraction = math.floor(share / total * 100) / 100
         for mp in auto:
             mp.fraction, mp.memory_source = fraction, "MAX_MEMORY_PERCENTAGE"
+            mp.memory_setting = f"its share of MAX_MEMORY_PERCENTAGE={percent:g} ({fraction:.2f})"
         capped = " (capped at what vLLM's start-up check allows)" if cap < budget else ""
         plan.notes.append(f"{what}; {names} get{'s' if len(auto) == 1 else ''} {fraction:.2f} of the card "
                           f"({_gib(fraction * total)}) each{capped}")
@@ -326,9 +329,7 @@ def _plan_memory(env: Mapping[str, str], plan: Plan, gpu: Gpu, here: list[ModelP
                 change = f"Lower MAX_MEMORY_PERCENTAGE or set {PREFIX[mp.model]}_GPU_MEMORY to at most {fits:.2f}"
             else:
                 change = f"Set {mp.memory_source} to at most {fits:.2f}"
-            raise Refusal(f"{mp.model} on {gpu.label()}: {mp.memory_source}"
-                          f"{'=' + format(mp.fraction, 'g') if mp.memory_source != 'MAX_MEMORY_PERCENTAGE' else ''} "
-                          f"asks vLLM for {mp.fraction:.2f} x {total} MiB = {requested} MiB, but only {max(available, 0)} MiB "
+            raise Refusal(f"{mp.model} on {gpu.label()}: {mp.memory_setting} asks vLLM for {mp.fraction:.2f} x {total} MiB = {requested} MiB, but only {max(available, 0)} MiB "
                           f"will be free when it starts ({gpu.free} MiB free now{earlier} - {CUDA_CONTEXT_MIB} MiB for "
                           f"its CUDA context). {change}, or free memory on GPU {gpu.index}.")
         before += requested

@@ -150,6 +150,16 @@ def test_fractions_that_cannot_fit_are_refused_with_the_numbers() -> None:
     assert "EMBEDDING_GPU_MEMORY=0.9" in msg and "49309 MiB free now" in msg and "at most 0.59" in msg
 
 
+def test_a_seed_default_that_does_not_fit_a_busy_gpu_is_refused_saying_it_is_the_default() -> None:
+    idle, busy = gpus("h100x2")[1], gpus("h100-busy")[0]
+    busy.index = 0
+    with pytest.raises(lp.Refusal) as e:
+        lp.make_plan(NAMES, [busy, idle], BOTH)
+    msg = str(e.value)
+    assert "reranker on GPU 0" in msg and "RERANKER_GPU_MEMORY=0.97 (its default)" in msg
+    assert "49309 MiB free now" in msg and "Set RERANKER_GPU_MEMORY to at most 0.59" in msg
+
+
 def test_a_budget_left_too_small_by_other_processes_is_refused_naming_max_memory_percentage() -> None:
     msg = refusal("h100-busy", MAX_MEMORY_PERCENTAGE="40")
     assert "MAX_MEMORY_PERCENTAGE=40" in msg and "31771 MiB" in msg and "Raise MAX_MEMORY_PERCENTAGE" in msg
