@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .keys import (
     KeyFileError,
@@ -16,8 +17,9 @@ from .keys import (
     revoke_key,
     rotate_key,
 )
+from .audit import audit
 from .logs import setup_logging
-from .settings import Settings, SettingsError, not_applicable_line
+from .settings import Settings, SettingsError, not_applicable_line, validate_rate_limit
 
 log = logging.getLogger("erproxy")
 
@@ -122,61 +124,68 @@ def share_revocation(settings: Settings, key_hash: str) -> None:
 
 
 def keys_command(args: argparse.Namespace, settings: Settings) -> int:
-    from .audit import audit
-
-    path = Path(settings.api_keys_file)
+    command = KEY_COMMANDS.get(args.keys_command)
+    if command is None:
+        return 2
     try:
-        if args.keys_command == "init":
-            key = ensure_key_file(path, args.name)
-            if key is None:
-                print(f"{path} already exists; create more keys with: keys create --name NAME")
-                return 0
-            audit(settings, "init", args.name)
-            print_new_key(key, settings)
-            return 0
-        if args.keys_command == "create":
-            from .settings import validate_rate_limit
-
-            if args.rate_limit:
-                validate_rate_limit(args.rate_limit)
-            models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-            expires_in = parse_duration(args.expires_in) if args.expires_in else None
-            key, record = create_key(path, args.name, rate_limit=args.rate_limit, models=models,
-                                     expires_in=expires_in)
-            audit(settings, "create", record.name, prefix=record.prefix, rate_limit=record.rate_limit,
-                  models=record.models, expires=record.expires)
-            print(f"Created key {record.name!r} ({record.prefix}…). It is shown only now:\n\n    {key}\n")
-            return 0
-        if args.keys_command == "list":
-            records = read_records(path)
-            rows = [("NAME", "PREFIX", "CREATED", "EXPIRES", "RATE LIMIT", "MODELS", "STATUS")]
-            for rec in records:
-                status = "revoked" if rec.revoked else ("expired" if rec.expired() else "active")
-                rows.append((rec.name, rec.prefix + "…", rec.created, rec.expires or "never",
-                             rec.rate_limit or f"{settings.rate_limit} (default)", ",".join(rec.models or []) or "all",
-                             status))
-            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-            for row in rows:
-                print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-            return 0
-        if args.keys_command == "revoke":
-            record = revoke_key(path, args.ref)
-            audit(settings, "revoke", record.name, prefix=record.prefix)
-            share_revocation(settings, record.hash)
-            print(f"Revoked key {record.name!r} ({record.prefix}…). Running gateways refuse it within a second.")
-            return 0
-        if args.keys_command == "rotate":
-            key, record, old_hash = rotate_key(path, args.name)
-            audit(settings, "rotate", record.name, prefix=record.prefix)
-            share_revocation(settings, old_hash)
-            print(f"Rotated key {record.name!r}; the old secret no longer works. New key, shown only now:\n\n"
-                  f"    {key}\n")
-            return 0
+        command(args, settings, Path(settings.api_keys_file))
     except (KeyFileError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 1
-    return 2
+    return 0
+
+
+def keys_init(args: argparse.Namespace, settings: Settings, path: Path) -> None:
+    key = ensure_key_file(path, args.name)
+    if key is None:
+        print(f"{path} already exists; create more keys with: keys create --name NAME")
+        return
+    audit(settings, "init", args.name)
+    print_new_key(key, settings)
+
+
+def keys_create(args: argparse.Namespace, settings: Settings, path: Path) -> None:
+    if args.rate_limit:
+        validate_rate_limit(args.rate_limit)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    expires_in = parse_duration(args.expires_in) if args.expires_in else None
+    key, record = create_key(path, args.name, rate_limit=args.rate_limit, models=models, expires_in=expires_in)
+    audit(settings, "create", record.name, prefix=record.prefix, rate_limit=record.rate_limit,
+          models=record.models, expires=record.expires)
+    print(f"Created key {record.name!r} ({record.prefix}…). It is shown only now:\n\n    {key}\n")
+
+
+def keys_list(args: argparse.Namespace, settings: Settings, path: Path) -> None:
+    rows = [("NAME", "PREFIX", "CREATED", "EXPIRES", "RATE LIMIT", "MODELS", "STATUS")]
+    for rec in read_records(path):
+        status = "revoked" if rec.revoked else ("expired" if rec.expired() else "active")
+        rows.append((rec.name, rec.prefix + "…", rec.created, rec.expires or "never",
+                     rec.rate_limit or f"{settings.rate_limit} (default)", ",".join(rec.models or []) or "all",
+                     status))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def keys_revoke(args: argparse.Namespace, settings: Settings, path: Path) -> None:
+    record = revoke_key(path, args.ref)
+    audit(settings, "revoke", record.name, prefix=record.prefix)
+    share_revocation(settings, record.hash)
+    print(f"Revoked key {record.name!r} ({record.prefix}…). Running gateways refuse it within a second.")
+
+
+def keys_rotate(args: argparse.Namespace, settings: Settings, path: Path) -> None:
+    key, record, old_hash = rotate_key(path, args.name)
+    audit(settings, "rotate", record.name, prefix=record.prefix)
+    share_revocation(settings, old_hash)
+    print(f"Rotated key {record.name!r}; the old secret no longer works. New key, shown only now:\n\n"
+          f"    {key}\n")
+
+
+KEY_COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, Path], None]] = {
+    "init": keys_init, "create": keys_create, "list": keys_list, "revoke": keys_revoke, "rotate": keys_rotate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
