@@ -15,15 +15,13 @@ client reconnects by itself: no restart is needed once Redis is back.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import time
 import uuid
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from limits import RateLimitItem
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from redis import asyncio as aioredis
@@ -78,13 +76,6 @@ except ImportError:  # pragma: no cover
 
 
 T = TypeVar("T")
-
-
-class _Down(enum.Enum):
-    DOWN = "down"
-
-
-DOWN = _Down.DOWN  # what `_shared` answers instead of a result when Redis cannot be used
 LOCAL_SLOT = ("local", None)  # a concurrency slot taken under this process's own cap
 
 
@@ -153,56 +144,46 @@ class RedisAdmission:
             log.warning("Redis at %s reachable again; shared limits restored", _safe_url(self.url))
         self._redis_ok = True
 
-    async def _shared(self, call: Callable[..., Awaitable[T]], *args: Any) -> T | _Down:
-        """`call` on Redis, or DOWN when Redis is known to be down or fails now.
-
-        Known down: no request waits for a timeout; the revocation poll notices when it is back.
-        """
-        if not self._redis_ok:
-            return DOWN
-        try:
-            result = await call(*args)
-        except REDIS_ERRORS as e:
-            self._note_down(e)
-            return DOWN
-        self._note_up()
-        return result
-
-    async def _without_redis(self, local: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """REDIS_FAIL_OPEN=true: this process's own limits; else 503 limits_unavailable."""
+    async def _without_redis(self, local: Callable[[], Awaitable[T]]) -> T:
+        """Redis is down: REDIS_FAIL_OPEN=true admits under this process's own limits, else 503."""
         if not self.fail_open:
             raise limits_unavailable()
-        return await local(*args)
+        return await local()
 
     # ---- Admission protocol --------------------------------------------------------------------
+    # While Redis is known to be down no request waits for a timeout: it goes straight to
+    # _without_redis, and the revocation poll notices when Redis is back.
     async def enforce_rate_limit(self, who: Identity) -> None:
         item = self.limits.item_for(who)
-        reset_time = await self._shared(self._hit, item, who.bucket or who.name)
-        if reset_time is DOWN:
-            return await self._without_redis(self._fallback.enforce_rate_limit, who)
-        if reset_time is not None:
-            raise rate_limited(item, retry_after_s(reset_time, time.time()))
-
-    async def _hit(self, item: RateLimitItem, bucket: str) -> float | None:
-        """None when the hit is allowed, else when the window frees one."""
-        if await self._limiter.hit(item, bucket):
-            return None
-        return (await self._limiter.get_window_stats(item, bucket)).reset_time
+        if self._redis_ok:
+            bucket = who.bucket or who.name
+            try:
+                allowed = await self._limiter.hit(item, bucket)
+                reset_time = None if allowed else (await self._limiter.get_window_stats(item, bucket)).reset_time
+            except REDIS_ERRORS as e:
+                self._note_down(e)
+            else:
+                self._note_up()
+                if reset_time is not None:
+                    raise rate_limited(item, retry_after_s(reset_time, time.time()))
+                return
+        await self._without_redis(lambda: self._fallback.enforce_rate_limit(who))
 
     async def acquire(self) -> object:
-        member = await self._shared(self._take_lease)
-        if member is DOWN:
-            await self._without_redis(self._fallback.acquire)
-            return LOCAL_SLOT
-        if member is None:
-            raise concurrency_exceeded(self.max_concurrent)
-        self._held.add(member)
-        return ("redis", member)
-
-    async def _take_lease(self) -> str | None:
-        member = f"{self._worker}:{uuid.uuid4().hex}"
-        ok = await self._acquire(keys=[self._leases_key], args=[self.max_concurrent, member, LEASE_TTL_S])
-        return member if ok else None
+        if self._redis_ok:
+            member = f"{self._worker}:{uuid.uuid4().hex}"
+            try:
+                ok = await self._acquire(keys=[self._leases_key], args=[self.max_concurrent, member, LEASE_TTL_S])
+            except REDIS_ERRORS as e:
+                self._note_down(e)
+            else:
+                self._note_up()
+                if not ok:
+                    raise concurrency_exceeded(self.max_concurrent)
+                self._held.add(member)
+                return ("redis", member)
+        await self._without_redis(self._fallback.acquire)
+        return LOCAL_SLOT
 
     async def release(self, slot: object) -> None:
         where, member = slot  # type: ignore[misc]

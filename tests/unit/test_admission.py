@@ -163,3 +163,35 @@ async def test_storage_serves_limits_strategies(storage_and_clock):
     assert await moving.hit(item, "m") and await fixed.hit(item, "f")
     await moving.clear(item, "m")
     assert (await moving.get_window_stats(item, "m")).remaining == 2
+
+
+# ---- RedisAdmission when Redis cannot be reached ---------------------------------------------------
+@pytest.mark.parametrize("fail_open", [False, True])
+async def test_redis_down_is_503_or_per_process_limits(fail_open):
+    from erproxy.redis_admission import RedisAdmission
+
+    adm = RedisAdmission("redis://127.0.0.1:1/0", "1/minute", 1, fail_open=fail_open)  # nothing listens there
+    who = Identity("k", "er-k")
+    try:
+        for _ in range(2):  # the first call finds Redis down, the second already knows
+            if not fail_open:
+                with pytest.raises(ApiError) as e:
+                    await adm.enforce_rate_limit(who)
+                assert (e.value.status, e.value.code) == (503, "limits_unavailable")
+                with pytest.raises(ApiError) as e:
+                    await adm.acquire()
+                assert (e.value.status, e.value.code) == (503, "limits_unavailable")
+        if fail_open:
+            await adm.enforce_rate_limit(who)
+            with pytest.raises(ApiError) as e:
+                await adm.enforce_rate_limit(who)  # this process's own window: 1/minute
+            assert e.value.code == "rate_limit_exceeded"
+            slot = await adm.acquire()
+            with pytest.raises(ApiError) as e:
+                await adm.acquire()
+            assert e.value.code == "concurrency_limit_exceeded"
+            assert adm.in_flight() == 1
+            await adm.release(slot)
+            assert adm.in_flight() == 0
+    finally:
+        await adm.close()
