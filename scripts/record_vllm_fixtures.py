@@ -74,12 +74,14 @@ RECORDINGS: dict[str, tuple[str, str, str, Any]] = {
 }
 METRICS = "embed_metrics.txt"  # GET /metrics of the embedding server, as text
 
-# Script variables a developer's shell or .env must not leak into a recording.
+# Variables the vLLM scripts read (their own and the single-service API's names): a developer's shell
+# must not leak them into a recording or into the e2e suite (tests/e2e/conftest.py uses this list).
 SCRIPT_VARS = ("LOG_DIR EMBEDDING_MODEL_PATH EMBEDDING_MODEL_NAME EMBEDDING_GPU EMBEDDING_PORT "
                "EMBEDDING_GPU_MEMORY RERANKER_MODEL_PATH RERANKER_MODEL_NAME RERANKER_GPU RERANKER_PORT "
                "RERANKER_GPU_MEMORY RERANKER_KIND MODEL_PRECISION MAX_SEQ_LENGTH EMBEDDING_MAX_SEQ_LENGTH "
                "RERANKER_MAX_SEQ_LENGTH BATCH_SIZE VLLM_PYTHON VLLM_EXTRA_ARGS VLLM_HOST VLLM_DEVICE "
-               "MODEL_NAME_OR_PATH MODEL_DEVICE MAX_MEMORY_PERCENTAGE ENV_FILE").split()
+               "VLLM_START_TIMEOUT VLLM_STOP_TIMEOUT VLLM_CPU_KVCACHE_SPACE MODEL_NAME_OR_PATH MODEL_DEVICE "
+               "MAX_MEMORY_PERCENTAGE PORT HOST ENV_FILE").split()
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ reference scores in subprocesses.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -27,6 +28,10 @@ import pytest
 from tests.procs import Proc, free_port, gateway_env, start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("record_vllm_fixtures", ROOT / "scripts" / "record_vllm_fixtures.py")
+_recorder = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_recorder)
+
 TINY_QWEN3 = Path(__file__).with_name("tiny_qwen3.py")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "erproxy"
 
@@ -34,12 +39,7 @@ MINILM = "all-MiniLM-L6-v2"
 QWEN3_RERANKER = "Qwen3-Reranker-0.6B"
 
 # Variables the scripts read; a developer's shell or .env must not leak into the suite.
-SCRIPT_VARS = (
-    "LOG_DIR EMBEDDING_MODEL_PATH EMBEDDING_MODEL_NAME EMBEDDING_GPU EMBEDDING_PORT EMBEDDING_GPU_MEMORY "
-    "RERANKER_MODEL_PATH RERANKER_MODEL_NAME RERANKER_GPU RERANKER_PORT RERANKER_GPU_MEMORY RERANKER_KIND "
-    "MODEL_PRECISION MAX_SEQ_LENGTH BATCH_SIZE VLLM_PYTHON VLLM_EXTRA_ARGS VLLM_HOST VLLM_DEVICE "
-    "VLLM_START_TIMEOUT VLLM_STOP_TIMEOUT PORT HOST ENV_FILE"
-).split()
+SCRIPT_VARS = _recorder.SCRIPT_VARS
 
 
 @pytest.fixture(scope="session")
