@@ -85,6 +85,8 @@ class Forwarder:
 
 
 class Handlers:
+    """One method per endpoint. Except for the public ones, the key is known and admitted before they run."""
+
     def __init__(self, upstreams: Upstreams, metrics: Metrics, *, query_instruction: str,
                  metrics_token: str | None) -> None:
         self.upstreams = upstreams
