@@ -167,3 +167,17 @@ def test_a_env_file_naming_bash_own_variables_does_not_break_the_scripts(sim, tm
     assert result.returncode == 0, result.stderr
     assert "--port 18555" in result.stdout
     assert "UID in" in result.stderr and "the shell owns that name" in result.stderr
+
+
+@pytest.mark.parametrize("layout,gpus", [("h100x1", [0, 0]), ("h100x2", [1, 0])])
+def test_env_example_copied_to_env_lets_the_plan_place_the_models(sim, tmp_path, layout, gpus) -> None:
+    s: Sim = sim(layout)
+    env_file = tmp_path / ".env"
+    shutil.copy(ROOT / ".env.example", env_file)
+    env = {k: v for k, v in s.env.items() if k not in ("EMBEDDING_PORT", "RERANKER_PORT", "VLLM_START_TIMEOUT",
+                                                       "VLLM_STOP_TIMEOUT")}
+    result = subprocess.run(["bash", str(ROOT / "start_vllm_models.sh"), "all", "--dry-run"], cwd=ROOT,
+                            env={**env, "ENV_FILE": str(env_file)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    placed = [line for line in result.stdout.splitlines() if line.startswith("CUDA_DEVICE_ORDER")]
+    assert [int(line.split("CUDA_VISIBLE_DEVICES=")[1].split()[0]) for line in placed] == gpus
