@@ -2,6 +2,10 @@
 
 A path with a trailing slash is served like the path without it. An endpoint is `public` when it
 skips authentication and admission (/health; /metrics checks METRICS_TOKEN itself).
+
+A Route also documents itself: `summary`, `tags`, the pydantic `request_model` and
+`response_model` classes and extra `responses` (status -> description) are what the OpenAPI
+document (openapi.py) says about it; a Route added with them appears there with nothing else to do.
 """
 
 from __future__ import annotations
@@ -27,14 +31,21 @@ class Route:
     methods: tuple[str, ...]
     handler: Handler
     public: bool = False
+    # documentation only (openapi.py); routing ignores them
+    summary: str = ""
+    request_model: type | None = None  # pydantic model class of the JSON body
+    response_model: type | None = None  # pydantic model class of the 200 answer
+    tags: tuple[str, ...] = ()
+    responses: dict[int, str] | None = None  # extra status -> description
 
 
 class RouteTable:
     """Routes by exact path (no patterns), each with the endpoint of every method it allows."""
 
     def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes: tuple[Route, ...] = tuple(routes)  # in declaration order, for the OpenAPI document
         self._paths: dict[str, dict[str, Endpoint]] = {}
-        for r in routes:
+        for r in self.routes:
             endpoint = Endpoint(r.handler, r.public)
             methods = self._paths.setdefault(r.path, {})
             for method in r.methods:
