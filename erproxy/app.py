@@ -174,7 +174,7 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Gatewa
     )
     metrics = Metrics()
     handlers = Handlers(upstreams, metrics, query_instruction=settings.embedding_query_instruction,
-                        metrics_token=settings.metrics_token)
+                        metrics_token=settings.metrics_token, accept_token_ids=settings.accept_token_ids)
     return Gateway(Services(keys, admission, upstreams, metrics), route_table(handlers),
                    max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
 

@@ -138,6 +138,15 @@ def limits_unavailable() -> ApiError:
                        code="limits_unavailable", retry_after=1)
 
 
+def token_ids_not_accepted() -> ApiError:
+    return bad_request(
+        "`input` holds token ids, which this gateway refuses: vLLM embeds them as the served model's own "
+        "tokens, so ids from another tokenizer (OpenAI's tiktoken) give meaningless vectors. Send text instead; "
+        "with LangChain's OpenAIEmbeddings set `check_embedding_ctx_length=False`. An operator whose clients "
+        "tokenize with the served model's own tokenizer can set ACCEPT_TOKEN_IDS=true.",
+        code="token_ids_not_accepted", param="input")
+
+
 def unexpected() -> ApiError:
     return internal_error("Internal gateway error; see the gateway log.")
 

@@ -17,10 +17,11 @@ import orjson
 from . import __version__
 from .asgi import ClientGone, Request, Response, json_response
 from .auth import check_model_allowed, presented_key
-from .errors import bad_gateway, unauthorized, upstream_error
+from .errors import bad_gateway, token_ids_not_accepted, unauthorized, upstream_error
 from .metrics import Metrics, prompt_tokens
 from .protocol import apply_query_instruction, build_rerank_response, is_qwen3_embedding, parse_embeddings, parse_rerank
 from .routing import Route, RouteTable
+from .schemas import EmbeddingsRequest, EmbeddingsResponse, Health, ModelList, RerankRequest, RerankResponse
 from .upstreams import KINDS, UpstreamResponse, Upstreams
 
 RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank", "/api/v1/rerank")
@@ -29,12 +30,18 @@ DISCONNECT_WATCH_AFTER_S = 0.05
 
 def route_table(h: Handlers) -> RouteTable:
     return RouteTable([
-        Route("/health", ("GET",), h.health, public=True),
-        Route("/metrics", ("GET",), h.metrics_route, public=True),  # checks METRICS_TOKEN itself
-        Route("/v1/models", ("GET",), h.models),
-        Route("/v1/embeddings", ("POST",), h.embeddings),
-        Route("/embeddings", ("POST",), h.embeddings),
-        *(Route(p, ("POST",), h.rerank) for p in RERANK_PATHS),
+        Route("/health", ("GET",), h.health, public=True, summary="Gateway and replica health", tags=("status",),
+              response_model=Health, responses={503: "A model kind has no reachable replica (`status: degraded`)."}),
+        Route("/metrics", ("GET",), h.metrics_route, public=True,  # checks METRICS_TOKEN itself
+              summary="Prometheus metrics (text format)", tags=("status",),
+              responses={401: "METRICS_TOKEN is set and the request does not send it as a bearer token."}),
+        Route("/v1/models", ("GET",), h.models, summary="List the served models", tags=("models",),
+              response_model=ModelList),
+        *(Route(p, ("POST",), h.embeddings, summary="Create embeddings (OpenAI)", tags=("embeddings",),
+                request_model=EmbeddingsRequest, response_model=EmbeddingsResponse)
+          for p in ("/v1/embeddings", "/embeddings")),
+        *(Route(p, ("POST",), h.rerank, summary="Rerank documents (Cohere/Jina)", tags=("rerank",),
+                request_model=RerankRequest, response_model=RerankResponse) for p in RERANK_PATHS),
     ])
 
 
@@ -88,10 +95,11 @@ class Handlers:
     """One method per endpoint. Except for the public ones, the key is known and admitted before they run."""
 
     def __init__(self, upstreams: Upstreams, metrics: Metrics, *, query_instruction: str,
-                 metrics_token: str | None) -> None:
+                 metrics_token: str | None, accept_token_ids: bool = False) -> None:
         self.upstreams = upstreams
         self.metrics = metrics
         self.query_instruction = query_instruction
+        self.accept_token_ids = accept_token_ids  # else token-id input is refused (ids of another tokenizer)
         self.metrics_token = metrics_token
         self.forward = Forwarder(upstreams, metrics)
 
@@ -134,6 +142,8 @@ class Handlers:
     async def embeddings(self, req: Request) -> Response:
         body = req.body
         parsed = parse_embeddings(body)
+        if parsed.token_ids and not self.accept_token_ids:
+            raise token_ids_not_accepted()
         model = parsed.model or self.upstreams.default_model("embedding")
         req.model, req.items = model, parsed.items
         check_model_allowed(req.who, model)

@@ -1,8 +1,8 @@
-"""Request validation and dialect normalisation; rebuilding responses only where they must change.
+"""Requests through their models (schemas.py), the Qwen3 prompt rules, and the rerank answer rebuilt.
 
-OpenAI embeddings and Cohere/Jina-style rerank requests are checked here, before any upstream
-work, so clients get a precise 400 naming the field. Embedding requests that need no change are
-forwarded as the client's own bytes.
+OpenAI embeddings and Cohere/Jina-style rerank requests are validated by their pydantic models
+before any upstream work, so clients get a precise 400 naming the field. Embedding requests
+that need no change are forwarded as the client's own bytes.
 """
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from .errors import bad_request
+from .schemas import EmbeddingsRequest as EmbeddingsModel
+from .schemas import RerankRequest as RerankModel
+from .schemas import request_error
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -27,22 +31,6 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return doc
 
 
-def _model(doc: dict[str, Any]) -> str | None:
-    model = doc.get("model")
-    if model is None:
-        return None
-    if not isinstance(model, str) or not model.strip():
-        raise bad_request("`model` must be a non-empty string.", param="model")
-    return model
-
-
-def _instruction(doc: dict[str, Any]) -> str | None:
-    instruction = doc.get("instruction")
-    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
-        raise bad_request("`instruction` must be a non-empty string.", param="instruction")
-    return instruction
-
-
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -53,6 +41,7 @@ class EmbeddingsRequest:
     items: int
     doc: dict[str, Any]
     changed: bool  # the upstream body must be re-serialised (else the client's bytes are forwarded)
+    token_ids: bool = False  # `input` is token ids rather than text
 
 
 def is_qwen3_embedding(model: str | None, root: str | None) -> bool:
@@ -62,42 +51,21 @@ def is_qwen3_embedding(model: str | None, root: str | None) -> bool:
 
 def parse_embeddings(body: bytes) -> EmbeddingsRequest:
     doc = parse_json_object(body)
-    model = _model(doc)
-    inp = doc.get("input")
-    if inp is None:
-        raise bad_request("`input` is required: a string, a list of strings, or token ids.", param="input")
+    try:
+        m = EmbeddingsModel.model_validate(doc)
+    except ValidationError as e:
+        raise request_error(EmbeddingsModel, e, doc) from None
+    inp = m.input
     if isinstance(inp, str):
-        items = 1
-    elif isinstance(inp, list):
-        if not inp:
-            raise bad_request("`input` must not be an empty list.", param="input")
-        if all(isinstance(x, str) for x in inp):
-            items = len(inp)
-        elif all(_is_int(x) for x in inp):
-            items = 1
-        elif all(isinstance(x, list) and x and all(_is_int(t) for t in x) for x in inp):
-            items = len(inp)
-        else:
-            raise bad_request("`input` must be a string, a list of strings, a list of token ids, "
-                              "or a list of token-id lists (no mixing, no empty lists).", param="input")
+        items, token_ids = 1, False
+    elif isinstance(inp[0], str):
+        items, token_ids = len(inp), False
+    elif isinstance(inp[0], list):
+        items, token_ids = len(inp), True
     else:
-        raise bad_request("`input` must be a string, a list of strings, or token ids; "
-                          f"got {type(inp).__name__}.", param="input")
-    fmt = doc.get("encoding_format")
-    if fmt is not None and fmt not in ("float", "base64"):
-        raise bad_request("`encoding_format` must be \"float\" or \"base64\".", param="encoding_format")
-    dims = doc.get("dimensions")
-    if dims is not None and (not _is_int(dims) or dims < 1):
-        raise bad_request("`dimensions` must be a positive integer.", param="dimensions")
-    user = doc.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad_request("`user` must be a string.", param="user")
-    input_type = doc.get("input_type")
-    if input_type is not None and input_type not in ("query", "document", "search_query", "search_document"):
-        raise bad_request("`input_type` must be \"query\" or \"document\".", param="input_type")
-    instruction = _instruction(doc)
-    changed = model is None or input_type is not None or instruction is not None
-    return EmbeddingsRequest(model, items, doc, changed)
+        items, token_ids = 1, True
+    changed = m.model is None or m.input_type is not None or m.instruction is not None
+    return EmbeddingsRequest(m.model, items, doc, changed, token_ids)
 
 
 def apply_query_instruction(req: EmbeddingsRequest, *, qwen3: bool, default_instruction: str) -> None:
@@ -151,41 +119,25 @@ class RerankRequest:
         return orjson.dumps(body)
 
 
-_RERANK_FIELDS = frozenset({"model", "query", "documents", "top_n", "top_k", "return_documents", "instruction"})
-
-
 def parse_rerank(body: bytes) -> RerankRequest:
     doc = parse_json_object(body)
-    model = _model(doc)
-    query = doc.get("query")
-    if not isinstance(query, str) or not query:
-        raise bad_request("`query` is required and must be a non-empty string.", param="query")
-    docs = doc.get("documents")
-    if not isinstance(docs, list) or not docs:
-        raise bad_request("`documents` is required: a non-empty list of strings or {\"text\": ...} objects.",
-                          param="documents")
-    texts: list[str] = []
-    for i, d in enumerate(docs):
-        if isinstance(d, str):
-            texts.append(d)
-        elif isinstance(d, dict) and isinstance(d.get("text"), str):
-            texts.append(d["text"])
-        else:
-            raise bad_request(f"`documents[{i}]` must be a string or an object with a string `text`.",
-                              param=f"documents[{i}]")
-    top_n = doc.get("top_n", doc.get("top_k"))
-    if "top_n" in doc and "top_k" in doc and doc["top_n"] != doc["top_k"]:
+    try:
+        m = RerankModel.model_validate(doc)
+    except ValidationError as e:
+        raise request_error(RerankModel, e, doc) from None
+    texts: list[str] = m.documents  # type: ignore[assignment]  # Documents holds the texts
+    if m.top_n is not None and m.top_k is not None and m.top_n != m.top_k:
         raise bad_request("`top_n` and its alias `top_k` disagree; send one of them.", param="top_n")
-    if top_n is not None and (not _is_int(top_n) or top_n < 1):
-        raise bad_request("`top_n` must be a positive integer.", param="top_n")
+    top_n = m.top_n if m.top_n is not None else m.top_k
     if top_n is not None and top_n > len(texts):
         top_n = len(texts)
-    rd = doc.get("return_documents", True)
-    if not isinstance(rd, bool):
-        raise bad_request("`return_documents` must be true or false.", param="return_documents")
-    instruction = _instruction(doc)
     extra = {k: v for k, v in doc.items() if k not in _RERANK_FIELDS}
-    return RerankRequest(model, query, texts, top_n, rd, instruction, extra)
+    return RerankRequest(m.model, m.query, texts, top_n, m.return_documents, m.instruction, extra)
+
+
+# Read by the gateway itself (the gateway's own fields and those rebuilt in upstream_body); the
+# other fields, declared (truncate_prompt_tokens, ...) or not, go to vLLM as sent.
+_RERANK_FIELDS = frozenset({"model", "query", "documents", "top_n"}) | RerankModel.GATEWAY_FIELDS
 
 
 def build_rerank_response(req: RerankRequest, upstream_body: bytes, model: str | None) -> tuple[bytes, dict[str, Any]]:

@@ -178,6 +178,9 @@ class Settings(BaseSettings):
     embedding_query_instruction: Text = knob(
         "Given a web search query, retrieve relevant passages that answer the query",
         "Default instruction for Qwen3 embedding queries (`input_type: query`).")
+    accept_token_ids: Flag = knob(
+        "false", "Accept token-id arrays as embeddings `input` (only for clients that tokenize with the served "
+        "model's own tokenizer; else 400 token_ids_not_accepted).")
     api_keys_file: Text = knob("er_api_keys.json", "Key file (hashes only); created with one key on first start.")
     access_token: OptionalText = knob("", "Optional extra static key, accepted like any other key.")
     rate_limit: Rate = knob("100/minute", "Per-key rate limit (moving window).")
@@ -189,6 +192,7 @@ class Settings(BaseSettings):
     ssl_certfile: OptionalText = knob("", "PEM certificate (chain): with SSL_KEYFILE the gateway serves HTTPS.")
     ssl_keyfile: OptionalText = knob("", "PEM private key for SSL_CERTFILE.")
     metrics_token: OptionalText = knob("", "If set, GET /metrics needs it as a bearer token (else /metrics is open).")
+    docs: Flag = knob("true", "Serve the API documentation: GET /docs (Swagger UI), /openapi.json, / redirects to /docs.")
     log_dir: Text = knob("logs", "Directory of embedding_reranker_proxy.log.")
     log_level: Annotated[str, choice("debug", "info", "warning", "error")] = knob("INFO", "Log level.")
     log_format: Text = knob("%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s",

@@ -35,6 +35,6 @@ async def test_qwen3_queries_get_the_model_card_instruction(make_gateway, qwen3_
 
 
 async def test_instruction_on_token_ids_is_a_clear_400(make_gateway, qwen3_embed):
-    gw = await make_gateway(embed=qwen3_embed.url)
+    gw = await make_gateway(embed=qwen3_embed.url, ACCEPT_TOKEN_IDS="true")
     r = await gw.post("/v1/embeddings", headers=gw.auth(), json={"input": [[1, 2, 3]], "input_type": "query"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "instruction"

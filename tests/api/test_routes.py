@@ -42,7 +42,8 @@ async def test_embeddings_pass_upstream_bytes_through(gateway, fake_embed):
     assert via.content == direct.content
 
 
-async def test_embeddings_default_model_and_token_ids(gateway):
+async def test_embeddings_default_model_and_token_ids(make_gateway):
+    gateway = await make_gateway(ACCEPT_TOKEN_IDS="true")  # else token ids are refused (test_token_ids.py)
     r = await gateway.post("/v1/embeddings", json={"input": [[101, 7592, 2088, 102]]}, headers=gateway.auth())
     assert r.status_code == 200
     doc = r.json()

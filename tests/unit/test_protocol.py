@@ -24,7 +24,7 @@ def test_embedding_inputs_accepted(inp, items):
 
 
 @pytest.mark.parametrize("doc,param", [
-    ({}, "input"), ({"input": []}, "input"), ({"input": 123}, "input"), ({"input": ["a", 1]}, "input"),
+    ({}, "input"), ({"input": []}, "input"), ({"input": 123}, "input"), ({"input": ["a", 1]}, "input[1]"),
     ({"input": "x", "encoding_format": "hex"}, "encoding_format"), ({"input": "x", "dimensions": 0}, "dimensions"),
     ({"input": "x", "model": ""}, "model"), ({"input": "x", "input_type": "poem"}, "input_type"),
 ])
