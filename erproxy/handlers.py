@@ -17,14 +17,14 @@ import orjson
 from . import __version__
 from .asgi import ClientGone, Request, Response, json_response
 from .auth import check_model_allowed, presented_key
+from .dialects import Dialects, dialect_routes
 from .errors import bad_gateway, token_ids_not_accepted, unauthorized, upstream_error
 from .metrics import Metrics, prompt_tokens
-from .protocol import apply_query_instruction, build_rerank_response, is_qwen3_embedding, parse_embeddings, parse_rerank
+from .protocol import apply_query_instruction, is_qwen3_embedding, parse_embeddings
 from .routing import Route, RouteTable
-from .schemas import EmbeddingsRequest, EmbeddingsResponse, Health, ModelList, RerankRequest, RerankResponse
+from .schemas import EmbeddingsRequest, EmbeddingsResponse, Health, ModelList
 from .upstreams import KINDS, UpstreamResponse, Upstreams
 
-RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank", "/api/v1/rerank")
 DISCONNECT_WATCH_AFTER_S = 0.05
 
 
@@ -40,8 +40,7 @@ def route_table(h: Handlers) -> RouteTable:
         *(Route(p, ("POST",), h.embeddings, summary="Create embeddings (OpenAI)", tags=("embeddings",),
                 request_model=EmbeddingsRequest, response_model=EmbeddingsResponse)
           for p in ("/v1/embeddings", "/embeddings")),
-        *(Route(p, ("POST",), h.rerank, summary="Rerank documents (Cohere/Jina)", tags=("rerank",),
-                request_model=RerankRequest, response_model=RerankResponse) for p in RERANK_PATHS),
+        *dialect_routes(Dialects(h)),  # every rerank route, TEI /embed, Cohere /v1/embed and /v2/embed
     ])
 
 
@@ -165,22 +164,3 @@ class Handlers:
         if tokens:
             self.metrics.tokens.labels(label, "embedding").inc(tokens)
         return Response(200, resp.body)
-
-    async def rerank(self, req: Request) -> Response:
-        parsed = parse_rerank(req.body)
-        model = parsed.model or self.upstreams.default_model("reranker")
-        req.model, req.items = model, parsed.items
-        check_model_allowed(req.who, model)
-        resp = await self.forward(req, "reranker", model, "/v1/rerank", parsed.upstream_body(model))
-        if resp.status != 200:
-            raise upstream_error(resp, "reranker")
-        try:
-            out, usage = build_rerank_response(parsed, resp.body, model)
-        except (ValueError, KeyError, TypeError):
-            raise bad_gateway(f"The reranker upstream {resp.replica.url} answered something that is not a "
-                              "rerank result.") from None
-        label = model or "-"
-        self.metrics.documents.labels(label).inc(parsed.items)
-        if isinstance(usage.get("prompt_tokens"), int):
-            self.metrics.tokens.labels(label, "reranker").inc(usage["prompt_tokens"])
-        return Response(200, out)

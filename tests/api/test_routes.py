@@ -73,10 +73,13 @@ async def test_rerank_on_every_path(gateway, path):
         "documents": ["Bananas are yellow", {"text": "AI is artificial intelligence"}, "AI helps humans"]})
     assert r.status_code == 200, r.text
     doc = r.json()
-    assert set(doc) == {"id", "model", "results", "usage"}
+    # Cohere's `meta` on the Cohere/Jina paths; the single-service API's results carry `text` (issue 11)
+    single = path == "/api/v1/rerank"
+    assert set(doc) == {"id", "model", "results", "usage"} | (set() if single else {"meta"})
     assert [x["index"] for x in doc["results"]] == [1, 2, 0]
     assert doc["results"][0] == {"index": 1, "relevance_score": 0.7618554830551147,
-                                 "document": {"text": "AI is artificial intelligence"}}
+                                 "document": {"text": "AI is artificial intelligence"},
+                                 **({"text": "AI is artificial intelligence"} if single else {})}
     scores = [x["relevance_score"] for x in doc["results"]]
     assert scores == sorted(scores, reverse=True)
 
