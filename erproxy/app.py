@@ -17,6 +17,7 @@ from .admission import Admission, MemoryAdmission
 from .asgi import ClientGone, Receive, Request, Response, Scope, Send, error_response, read_body, response_start
 from .auth import authenticate
 from .errors import ApiError, unexpected
+from .docs import with_docs
 from .handlers import Handlers, route_table
 from .keys import KeyStore
 from .logs import log_access
@@ -175,7 +176,8 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Gatewa
     metrics = Metrics()
     handlers = Handlers(upstreams, metrics, query_instruction=settings.embedding_query_instruction,
                         metrics_token=settings.metrics_token, accept_token_ids=settings.accept_token_ids)
-    return Gateway(Services(keys, admission, upstreams, metrics), route_table(handlers),
+    routes = with_docs(route_table(handlers), settings.docs)  # DOCS: /docs, /openapi.json, /
+    return Gateway(Services(keys, admission, upstreams, metrics), routes,
                    max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
 
 

@@ -261,7 +261,7 @@ class Error(BaseModel):
     """Every error, in the OpenAI shape."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"error": {
-        "message": "`documents[1]` must be a string or an object with a string `text`; got int.",
+        "message": "`documents[1]` must be a string or an object with a string `text`; got 1.",
         "type": "invalid_request_error", "param": "documents[1]", "code": "invalid_request"}}]})
 
     error: ErrorDetail
