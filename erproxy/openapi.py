@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
+import orjson
+
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -56,6 +58,31 @@ BODY_ROUTE = {
 }
 
 
+def _example_errors() -> dict[int, Any]:
+    """One real answer per status, made by the helpers that make them (errors.py)."""
+    from . import errors as e
+
+    made = {
+        400: e.bad_request("`input[1]` must be a string like `input[0]` (no mixing); got 1.", param="input[1]"),
+        401: e.unauthorized("Missing API key. Send 'Authorization: Bearer <key>' or add '?api_key=<key>'.",
+                            code="missing_api_key"),
+        403: e.forbidden("This API key may only use the models Qwen3-Embedding-0.6B; `other` is not among them."),
+        404: e.not_found("The model `nope` does not exist. Models served here: Qwen3-Embedding-0.6B, "
+                         "Qwen3-Reranker-0.6B.", code="model_not_found", param="model"),
+        408: e.body_too_slow(30),
+        413: e.body_too_large(16 * 1024 * 1024),
+        429: e.rate_limited("100/minute", 12),
+        500: e.unexpected(),
+        502: e.bad_gateway("The embedding upstream http://127.0.0.1:8000 failed with HTTP 500"),
+        503: e.unavailable("No healthy embedding upstream for model `Qwen3-Embedding-0.6B`.", retry_after=1),
+        504: e.gateway_timeout("No answer from the embedding upstream within TIMEOUT=600 s."),
+    }
+    return {status: orjson.loads(err.body()) for status, err in made.items()}
+
+
+ERROR_EXAMPLES = _example_errors()
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -78,9 +105,9 @@ def _example(schema: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> An
     return None
 
 
-def _content(schema: dict[str, Any], defs: dict[str, Any], example: bool = True) -> dict[str, Any]:
+def _content(schema: dict[str, Any], defs: dict[str, Any], example: Any = None) -> dict[str, Any]:
     media: dict[str, Any] = {"schema": schema}
-    example = _example(schema, defs) if example else None
+    example = _example(schema, defs) if example is None else example
     if example is not None:
         media["example"] = example
     return {"application/json": media}
@@ -121,9 +148,9 @@ def openapi_document(routes: Iterable[Route], *, title: str = TITLE, version: st
             if r.response_model is not None and r.responses and status in r.responses:
                 # a route's own extra answer may be its document (/health's 503) or an error
                 schema = {"anyOf": [refs[(r.response_model, "serialization")], error_schema]}
-            # the error example is a 400's; other statuses show the schema alone
             responses[str(status)] = {"description": errors[status],
-                                      "content": _content(schema, defs, example=status == 400)}
+                                      "content": _content(schema, defs, ERROR_EXAMPLES.get(status)
+                                                          if schema is error_schema else None)}
         for method in r.methods:
             op: dict[str, Any] = {
                 "operationId": _operation_id(method, r.path),

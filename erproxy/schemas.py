@@ -258,11 +258,7 @@ class ErrorDetail(BaseModel):
 
 
 class Error(BaseModel):
-    """Every error, in the OpenAI shape."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [{"error": {
-        "message": "`documents[1]` must be a string or an object with a string `text`; got 1.",
-        "type": "invalid_request_error", "param": "documents[1]", "code": "invalid_request"}}]})
+    """Every error, in the OpenAI shape (openapi.py shows a real one for each status)."""
 
     error: ErrorDetail
 
