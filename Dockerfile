@@ -5,8 +5,9 @@
 #   docker run -p 2048:2048 -v erproxy-data:/data \
 #       -e EMBEDDING_UPSTREAMS=http://embedding-host:8000 -e RERANKER_UPSTREAMS=http://reranker-host:8001 erproxy
 #
-# The key file and the logs live in the /data volume; the first start prints the new API key once
-# (docker logs). More keys: docker exec CONTAINER python embedding_reranker_proxy.py keys create --name NAME
+# The key file and the logs live in the /data volume; the first start writes the new API key once to
+# /data/er_api_keys.json.new-key (never to docker logs: read it, then delete it).
+# More keys: docker exec CONTAINER python embedding_reranker_proxy.py keys create --name NAME
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \

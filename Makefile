@@ -64,7 +64,8 @@ run: setup ## start the models and the gateway, print the key and a curl to try
 	@echo
 	@echo "Gateway: http://127.0.0.1:$(GATEWAY_PORT)  (logs: $(LOG_DIR)/embedding_reranker_proxy.log)"
 	@echo "Models:  $$(curl -s http://127.0.0.1:$(GATEWAY_PORT)/health | $(PY) -c 'import json,sys; d=json.load(sys.stdin); print(", ".join(sorted({m for k in d["upstreams"].values() for r in k["replicas"] for m in r["models"]})))')"
-	@echo "Try it (KEY is the key printed above on first start, or one from: $(PY) embedding_reranker_proxy.py keys create --name NAME):"
+	@if [ -f "$${API_KEYS_FILE:-er_api_keys.json}.new-key" ]; then echo "The first key is in $${API_KEYS_FILE:-er_api_keys.json}.new-key (no terminal to show it on): read it, save it, delete the file."; fi
+	@echo "Try it (KEY is the key shown above on first start, or one from: $(PY) embedding_reranker_proxy.py keys create --name NAME):"
 	@echo "  curl http://127.0.0.1:$(GATEWAY_PORT)/v1/embeddings -H \"Authorization: Bearer \$$KEY\" -H 'Content-Type: application/json' -d '{\"input\": \"hello world\"}'"
 	@echo "  curl http://127.0.0.1:$(GATEWAY_PORT)/v1/rerank -H \"Authorization: Bearer \$$KEY\" -H 'Content-Type: application/json' -d '{\"query\": \"What is AI?\", \"documents\": [\"AI is artificial intelligence\", \"Bananas are yellow\"]}'"
 	@echo "Stop everything with: make stop"

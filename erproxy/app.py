@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from .admission import Admission, MemoryAdmission
-from .asgi import ClientGone, Receive, Request, Response, Scope, Send, error_response, read_body, response_start
+from .asgi import (
+    ClientGone,
+    Receive,
+    Request,
+    Response,
+    Scope,
+    Send,
+    error_response,
+    finish_closing,
+    read_body,
+    response_start,
+    start_closing,
+)
 from .auth import authenticate
+from .auth_throttle import COUNTED, AuthThrottle, failure_reason, make_auth_throttle, too_many_failures
 from .errors import ApiError, unexpected
 from .docs import with_docs
 from .handlers import Handlers, route_table
@@ -29,21 +43,30 @@ from .upstreams import Upstreams
 log = logging.getLogger("erproxy.app")
 
 KEY_RELOAD_INTERVAL_S = 0.5
+CLOSING_STATUSES = frozenset({408, 413})  # answers that end the connection (errors.CLOSE)
+AUTH_CODES = frozenset({"invalid_api_key", "missing_api_key", "invalid_metrics_token", "too_many_auth_failures"})
 
 
 class Services:
     """The long-lived parts a lifespan starts and stops, with their background tasks."""
 
-    def __init__(self, keys: KeyStore, admission: Admission, upstreams: Upstreams, metrics: Metrics) -> None:
+    def __init__(self, keys: KeyStore, admission: Admission, upstreams: Upstreams, metrics: Metrics,
+                 throttle: AuthThrottle | None = None) -> None:
         self.keys = keys
         self.admission = admission
         self.upstreams = upstreams
         self.metrics = metrics
+        self.throttle = throttle
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         self.keys.load()
+        if self.keys.error:
+            log.error("key file: %s; no keys but ACCESS_TOKEN are accepted until it is readable", self.keys.error)
+        self.metrics.observe_key_file(self.keys.error is None, self.keys.last_good_load)
         await self.admission.start()
+        if self.throttle is not None:
+            await self.throttle.start()
         await self.upstreams.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_keys()))
@@ -54,6 +77,8 @@ class Services:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.upstreams.close()
+        if self.throttle is not None:
+            await self.throttle.close()
         await self.admission.close()
         self.metrics.worker_exiting()
 
@@ -61,8 +86,18 @@ class Services:
         while True:
             await asyncio.sleep(KEY_RELOAD_INTERVAL_S)
             try:
-                if self.keys.reload_if_changed():
+                before = self.keys.error
+                reloaded = self.keys.reload_if_changed()
+                error = self.keys.error
+                if error and error != before:
+                    log.error("key file: %s; still serving the %d keys of the last good load (%s). Keys are only "
+                              "revoked by `keys revoke`: restore the file or fix it", error, self.keys.size,
+                              self.keys.last_good_load_iso or "never")
+                elif before and not error:
+                    log.info("key file %s is good again: %d keys loaded", self.keys.path, self.keys.size)
+                elif reloaded:
                     log.info("key file %s reloaded", self.keys.path)
+                self.metrics.observe_key_file(error is None, self.keys.last_good_load)
             except Exception:  # noqa: BLE001 - a bad edit must not stop the watcher
                 log.exception("key file reload failed")
 
@@ -80,6 +115,11 @@ class Gateway:
         self.in_flight = services.metrics.in_flight
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
+        self.throttle = services.throttle
+        try:  # /health stays open to an address blocked for failed authentications
+            self.health_endpoint: object = routes.match("/health", "GET")
+        except ApiError:
+            self.health_endpoint = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -106,11 +146,19 @@ class Gateway:
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """One request: serve it, turn any error into its answer, send it, record it."""
         req = Request(scope, receive)
+        note = None
         try:
             response = await self.serve(req)
         except ApiError as e:
+            if e.code in AUTH_CODES:
+                e, note = await self.auth_failed(req, e)
             response = error_response(e)
             self.metrics.observe_refusal(e.code)
+            if e.status in CLOSING_STATUSES:
+                await start_closing(req, response, send)
+                self.record(req, response.status)
+                await finish_closing(req, send)
+                return
         except ClientGone:
             self.record(req, 499)
             return
@@ -119,11 +167,32 @@ class Gateway:
             response = error_response(unexpected())
         await send(response_start(req, response))
         await send({"type": "http.response.body", "body": response.body})
-        self.record(req, response.status)
+        self.record(req, response.status, note)
+
+    async def auth_failed(self, req: Request, e: ApiError) -> tuple[ApiError, str]:
+        """Count a failed authentication (metrics, the address's failures); the error to answer and the
+        access log's note. The failure that goes over AUTH_FAILURE_LIMIT is answered 429."""
+        throttle = self.throttle
+        if e.code == "too_many_auth_failures":  # refused by check(): the address is blocked
+            self.metrics.auth_throttled.inc()
+            return e, f"client={throttle.client(req) if throttle else '-'} auth=blocked"
+        reason = failure_reason(e)
+        self.metrics.observe_auth_failure(reason)
+        if throttle is None or reason not in COUNTED:
+            return e, f"auth={reason}"
+        address = throttle.client(req)
+        count, left = await throttle.failed(address)
+        note = f"client={address} auth={reason} auth_failures={count}/{throttle.limit}"
+        if count > throttle.limit:
+            self.metrics.auth_throttled.inc()
+            return too_many_failures(math.ceil(left)), note
+        return e, note
 
     async def serve(self, req: Request) -> Response:
         """The request flow, one step per line; each step raises the error that ends it."""
         endpoint = self.routes.match(req.path, req.method)
+        if self.throttle is not None and self.throttle.blocked and endpoint is not self.health_endpoint:
+            self.throttle.check(req)  # 429 while the address is blocked for failed authentications
         if endpoint.public:
             return await endpoint.handler(req)
         req.who = authenticate(req, self.keys)
@@ -140,7 +209,7 @@ class Gateway:
             self.in_flight.dec()
             await self.admission.release(slot)
 
-    def record(self, req: Request, status: int) -> None:
+    def record(self, req: Request, status: int, note: str | None = None) -> None:
         """Metrics and the access log line of an answered (or abandoned) request."""
         total = time.perf_counter() - req.start
         who = req.who.name if req.who else "-"
@@ -150,7 +219,7 @@ class Gateway:
         if route != "/metrics":
             self.metrics.observe_request(route, model or "-", status, who, total, req.upstream_s)
         log_access(who=who, method=req.method, route=req.path, model=req.model, items=req.items, status=status,
-                   latency_ms=total * 1000, upstream=req.upstream)
+                   latency_ms=total * 1000, upstream=req.upstream, note=note)
 
 
 def make_admission(settings: Settings) -> Admission:
@@ -176,8 +245,11 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Gatewa
     metrics = Metrics()
     handlers = Handlers(upstreams, metrics, query_instruction=settings.embedding_query_instruction,
                         metrics_token=settings.metrics_token, accept_token_ids=settings.accept_token_ids)
+    handlers.keys = keys  # /health shows the key file's state
+    throttle = make_auth_throttle(settings.auth_failure_limit, settings.auth_failure_window,
+                                  settings.trusted_proxies, getattr(admission, "redis", None))
     routes = with_docs(route_table(handlers), settings.docs)  # DOCS: /docs, /openapi.json, /
-    return Gateway(Services(keys, admission, upstreams, metrics), routes,
+    return Gateway(Services(keys, admission, upstreams, metrics, throttle), routes,
                    max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
 
 

@@ -25,7 +25,7 @@ class Request:
     """What the handlers need to know of one HTTP request, plus what the access log records."""
 
     __slots__ = ("scope", "receive", "path", "method", "who", "model", "items", "upstream", "upstream_s", "start",
-                 "body")
+                 "body", "body_complete")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
@@ -38,6 +38,7 @@ class Request:
         self.upstream: str | None = None
         self.upstream_s = 0.0
         self.body = b""
+        self.body_complete = False  # the client has sent all of its body (read_body saw the last part)
         self.start = time.perf_counter()
 
     def header(self, name: bytes) -> bytes | None:
@@ -83,14 +84,54 @@ async def read_body(req: Request, limit: int, timeout: float) -> bytes:
                     raise ClientGone()
                 chunk = message.get("body", b"")
                 size += len(chunk)
+                if not message.get("more_body", False):
+                    req.body_complete = True
                 if size > limit:
                     raise body_too_large(limit)
                 chunks.append(chunk)
-                if not message.get("more_body", False):
+                if req.body_complete:
                     break
     except TimeoutError:
         raise body_too_slow(timeout) from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# After an answer that ends the connection (408, 413: `Connection: close`), what the client still
+# sends is read and dropped for at most this long and this much, then the connection is closed:
+# closing at once, with its upload still arriving, would reset the connection and could destroy
+# the answer before the client reads it; reading on without a bound let a client hold the socket.
+LINGER_S = 0.5
+LINGER_BYTES = 4 * 1024 * 1024
+
+
+async def start_closing(req: Request, response: Response, send: Send) -> None:
+    """Send all of `response` (its headers say `Connection: close`) but leave the exchange open.
+
+    The body goes out with its Content-Length, so the client has the whole answer at once;
+    `finish_closing` then ends the connection.
+    """
+    response.headers.append((b"content-length", str(len(response.body)).encode()))
+    await send(response_start(req, response))
+    await send({"type": "http.response.body", "body": response.body, "more_body": True})
+
+
+async def finish_closing(req: Request, send: Send) -> None:
+    """Read and drop what the client still sends (LINGER_S, LINGER_BYTES at most), then end: the server
+    closes the connection after the last part of a `Connection: close` answer."""
+    if not req.body_complete:
+        drained = 0
+        try:
+            async with asyncio.timeout(LINGER_S):
+                while drained < LINGER_BYTES:
+                    message = await req.receive()
+                    if message["type"] != "http.request":
+                        break
+                    drained += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            pass
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def response_start(req: Request, response: Response) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -24,9 +25,9 @@ from .settings import Settings, SettingsError, not_applicable_line, validate_rat
 log = logging.getLogger("erproxy")
 
 
-def print_new_key(key: str, settings: Settings) -> None:
+def new_key_banner(key: str, settings: Settings) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    print(
+    return (
         "\n"
         "============================================================================\n"
         f" A new API key was created and stored (hashed) in {settings.api_keys_file}.\n"
@@ -35,7 +36,56 @@ def print_new_key(key: str, settings: Settings) -> None:
         " Use it as a bearer token, e.g.:\n"
         f"     curl http://{host}:{settings.port}/v1/models -H 'Authorization: Bearer {key}'\n"
         " or add ?api_key=<key> to the URL.\n"
-        "============================================================================\n",
+        "============================================================================\n"
+    )
+
+
+def write_to_terminal(text: str) -> bool:
+    """Write `text` to the controlling terminal; False when the process has none (a service, a container)."""
+    try:
+        fd = os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as tty:
+            tty.write(text)
+        return True
+    except OSError:
+        return False
+
+
+def write_new_key_file(keys_path: Path, text: str) -> Path:
+    """Write `text` once to a new file of mode 0600 beside the key file (never over an existing one)."""
+    for n in range(1, 100):
+        path = keys_path.with_name(keys_path.name + (".new-key" if n == 1 else f".new-key.{n}"))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+    raise KeyFileError(f"cannot write the new key beside {keys_path}: delete the old {keys_path.name}.new-key* files")
+
+
+def deliver_new_key(key: str, settings: Settings) -> None:
+    """Hand the key made on a first start to the operator without putting it in any log.
+
+    It goes to the controlling terminal when there is one; otherwise (systemd, docker, nohup) to a
+    file of mode 0600 beside the key file, and the output names only that file.
+    """
+    banner = new_key_banner(key, settings)
+    if write_to_terminal(banner):
+        print(f"A new API key was created in {settings.api_keys_file} and shown on the terminal only "
+              "(never in this output or the log).", flush=True)
+        return
+    path = write_new_key_file(Path(settings.api_keys_file), banner)
+    print(
+        "\n"
+        f" A new API key was created and stored (hashed) in {settings.api_keys_file}.\n"
+        f" There is no terminal to show it on, so it was written to {path} (mode 0600), not here:\n"
+        f"     cat {path}    # save the key somewhere safe, then:\n"
+        f"     rm {path}\n",
         flush=True,
     )
 
@@ -66,7 +116,10 @@ def serve(settings: Settings) -> int:
         log.error("cannot start: %s", e)
         return 2
     if new_key:
-        print_new_key(new_key, settings)
+        try:
+            deliver_new_key(new_key, settings)
+        except (OSError, KeyFileError) as e:
+            log.error("the new key could not be handed over (%s); make another with `keys create`", e)
     log_start(settings, keys_path, sum(1 for r in records if not r.revoked), log_path)
     run_server(settings)
     return 0
@@ -142,7 +195,7 @@ def keys_init(args: argparse.Namespace, settings: Settings, path: Path) -> None:
         print(f"{path} already exists; create more keys with: keys create --name NAME")
         return
     audit(settings, "init", args.name)
-    print_new_key(key, settings)
+    deliver_new_key(key, settings)
 
 
 def keys_create(args: argparse.Namespace, settings: Settings, path: Path) -> None:
@@ -207,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("ref", metavar="NAME|PREFIX")
     o = ksub.add_parser("rotate", help="give a key a new secret, keeping its name and limits")
     o.add_argument("name", metavar="NAME")
-    i = ksub.add_parser("init", help="create the key file with one key if it does not exist (prints the key)")
+    i = ksub.add_parser("init", help="create the key file with one key if it does not exist (shows the key on the terminal, "
+                         "else writes it to API_KEYS_FILE.new-key)")
     i.add_argument("--name", default="default")
     args = parser.parse_args(argv)
     try:

@@ -68,12 +68,17 @@ def method_not_allowed(message: str, *, code: str = "method_not_allowed", allow:
     return ApiError(405, message, type="invalid_request_error", code=code, headers=[(b"allow", allow.encode())])
 
 
+# 408 and 413 end the connection (RFC 9110 15.5.9): the rest of an unread body is not worth reading,
+# and a client that stalled must not keep the socket. app.Gateway closes it after a short, bounded read.
+CLOSE = (b"connection", b"close")
+
+
 def request_timeout(message: str, *, code: str = "request_timeout") -> ApiError:
-    return ApiError(408, message, type="invalid_request_error", code=code)
+    return ApiError(408, message, type="invalid_request_error", code=code, headers=[CLOSE])
 
 
 def too_large(message: str, *, code: str = "request_too_large") -> ApiError:
-    return ApiError(413, message, type="invalid_request_error", code=code)
+    return ApiError(413, message, type="invalid_request_error", code=code, headers=[CLOSE])
 
 
 def too_many(message: str, *, code: str, retry_after: int) -> ApiError:

@@ -101,6 +101,7 @@ class Handlers:
         self.accept_token_ids = accept_token_ids  # else token-id input is refused (ids of another tokenizer)
         self.metrics_token = metrics_token
         self.forward = Forwarder(upstreams, metrics)
+        self.keys: Any = None  # the KeyStore, whose state /health shows (set by create_app)
 
     async def health(self, req: Request) -> Response:
         kinds: dict[str, Any] = {}
@@ -113,6 +114,8 @@ class Handlers:
                 degraded.append(kind)
         status = "degraded" if degraded else "ok"
         doc = {"status": status, "version": __version__, "upstreams": kinds}
+        if self.keys is not None:
+            doc["keys"] = self.keys.status()  # a missing or broken key file: served on the last good keys
         if degraded:
             doc["unavailable"] = degraded
         return json_response(doc, 503 if degraded else 200)

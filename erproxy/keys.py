@@ -184,7 +184,12 @@ class Identity:
 
 
 class KeyStore:
-    """In-memory view of the key file, refreshed when the file changes."""
+    """In-memory view of the key file, refreshed when the file changes.
+
+    While the gateway runs, a key file that disappears or stops parsing changes nothing: the keys
+    of the last good load keep working (revoking every key is only ever an explicit `keys revoke`),
+    and `error` says what is wrong until a good file is back (/health, a metric and one log line).
+    """
 
     def __init__(self, path: str | Path, access_token: str | None = None,
                  revoked_elsewhere: Callable[[], frozenset[str]] | None = None) -> None:
@@ -194,6 +199,8 @@ class KeyStore:
         self._by_hash: dict[str, KeyRecord] = {}
         self._identities: dict[str, Identity] = {}
         self._stamp: tuple[int, int, int] | None = None
+        self.error: str | None = None  # what is wrong with the file now; None when the last read was good
+        self.last_good_load: float | None = None  # time.time() of the last good read
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -202,26 +209,57 @@ class KeyStore:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def load(self) -> None:
-        """(Re)read the file; raises KeyFileError if it is corrupt."""
-        stamp = self._file_stamp()
-        records = read_records(self.path) if stamp is not None else []
+    @property
+    def size(self) -> int:
+        """Keys known (the last good load's)."""
+        return len(self._by_hash)
+
+    @property
+    def last_good_load_iso(self) -> str | None:
+        return iso_utc(self.last_good_load) if self.last_good_load is not None else None
+
+    def status(self) -> dict[str, Any]:
+        """What /health shows of the key file."""
+        return {"file": str(self.path), "last_good_load": self.last_good_load_iso, "error": self.error}
+
+    def _use(self, records: list[KeyRecord], stamp: tuple[int, int, int] | None) -> None:
         self._by_hash = {r.hash: r for r in records}
         self._identities = {
             r.hash: Identity(r.name, r.prefix, r.rate_limit, tuple(r.models) if r.models else None, r.hash[7:39])
             for r in records
         }
         self._stamp = stamp
+        self.error = None
+        self.last_good_load = time.time()
+
+    def _missing(self) -> str:
+        return f"{self.path} is missing (deleted or moved away?); restore it from a backup"
+
+    def load(self) -> None:
+        """(Re)read the file; raises KeyFileError if it is corrupt. A missing file gives no keys (and `error`)."""
+        stamp = self._file_stamp()
+        if stamp is None:
+            self._by_hash, self._identities, self._stamp = {}, {}, None
+            self.error = self._missing()
+            return
+        self._use(read_records(self.path), stamp)
 
     def reload_if_changed(self) -> bool:
-        """Pick up edits made by `keys` commands or other instances; keep the old view if the new file is bad."""
+        """Pick up edits made by `keys` commands or other instances. A missing or bad file keeps the
+        last good keys and sets `error` (returns False); True when new keys were loaded."""
         stamp = self._file_stamp()
         if stamp == self._stamp:
             return False
-        try:
-            self.load()
-        except KeyFileError:
+        self._stamp = stamp  # a bad file is read once per change, not on every check
+        if stamp is None:
+            self.error = self._missing()
             return False
+        try:
+            records = read_records(self.path)
+        except KeyFileError as e:
+            self.error = str(e)
+            return False
+        self._use(records, stamp)
         return True
 
     def authenticate(self, key: str) -> Identity | str:

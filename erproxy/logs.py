@@ -114,15 +114,20 @@ def _clean(value: str | None, limit: int = 120) -> str:
 
 
 def log_access(*, who: str, method: str, route: str, model: str | None, items: int | None, status: int,
-               latency_ms: float, upstream: str | None) -> None:
+               latency_ms: float, upstream: str | None, note: str | None = None) -> None:
+    """One access line. `note` (the gateway's own `name=value` words, e.g. a failed authentication's
+    client address and failure count) is appended as it is, or as fields of the JSON object."""
     if not access_log.isEnabledFor(logging.INFO):
         return
     if _json_access:
-        access_log.info(orjson.dumps({
+        entry = {
             "time": iso_utc(), "key": who, "method": method,
             "route": route[:200], "model": model[:120] if model else model, "items": items, "status": status,
-            "latency_ms": round(latency_ms, 2), "upstream": upstream}).decode())
+            "latency_ms": round(latency_ms, 2), "upstream": upstream}
+        if note:
+            entry.update(word.partition("=")[::2] for word in note.split())
+        access_log.info(orjson.dumps(entry).decode())
     else:
-        access_log.info("key=%s %s %s model=%s items=%s status=%d latency_ms=%.1f upstream=%s",
+        access_log.info("key=%s %s %s model=%s items=%s status=%d latency_ms=%.1f upstream=%s%s",
                         who, method, _clean(route, 200), _clean(model), "-" if items is None else items, status,
-                        latency_ms, upstream or "-")
+                        latency_ms, upstream or "-", " " + note if note else "")

@@ -57,7 +57,18 @@ class Metrics:
         self.documents = Counter("erproxy_documents", "Documents reranked.", ["model"], registry=r)
         self.tokens = Counter("erproxy_tokens", "Prompt tokens processed, from upstream usage.", ["model", "kind"],
                               registry=r)
+        self.auth_failures = Counter("erproxy_auth_failures", "Failed authentications, by reason (missing, invalid, "
+                                     "revoked, expired, metrics_token); never the key.", ["reason"], registry=r)
+        self.auth_throttled = Counter("erproxy_auth_throttled", "Requests refused with 429 too_many_auth_failures "
+                                      "(their address failed AUTH_FAILURE_LIMIT times).", registry=r)
+        self.key_file_ok = Gauge("erproxy_key_file_ok", "1 when the key file was read fine at the last check, 0 while "
+                                 "it is missing or unreadable (the last good keys are served).", registry=r,
+                                 multiprocess_mode="livemin")
+        self.key_file_loaded = Gauge("erproxy_key_file_last_good_load_timestamp_seconds",
+                                     "Unix time of the last good read of the key file.", registry=r,
+                                     multiprocess_mode="livemin")
         self._refusals = {code: self.rejections.labels(reason) for code, reason in REFUSALS.items()}
+        self._auth_children: dict[str, Any] = {}
         # labels() costs a lock and a tuple build per call; the hot path looks children up here instead
         self._request_children: dict[tuple[str, str, int, str], Any] = {}
         self._route_children: dict[str, tuple[Any, Any]] = {}
@@ -80,6 +91,17 @@ class Metrics:
         counter = self._refusals.get(code)  # type: ignore[arg-type]
         if counter is not None:
             counter.inc()
+
+    def observe_auth_failure(self, reason: str) -> None:
+        counter = self._auth_children.get(reason)
+        if counter is None:
+            counter = self._auth_children[reason] = self.auth_failures.labels(reason)
+        counter.inc()
+
+    def observe_key_file(self, ok: bool, last_good_load: float | None) -> None:
+        self.key_file_ok.set(1 if ok else 0)
+        if last_good_load is not None:
+            self.key_file_loaded.set(last_good_load)
 
     def observe_upstream(self, kind: str, replica: str, seconds: float) -> None:
         k = (kind, replica)

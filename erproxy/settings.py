@@ -13,6 +13,7 @@ environment winning over the file, as with docker and systemd.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -115,6 +116,20 @@ def _urls(raw: str, name: str) -> tuple[str, ...]:
     return urls
 
 
+def _networks(raw: str, name: str) -> tuple[str, ...]:
+    """Comma-separated IP addresses or networks (10.0.0.0/8, ::1), each normalised."""
+    out = []
+    for item in (x.strip() for x in raw.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise SettingsError(f"{name} must list IP addresses or networks such as 10.0.0.5 or 10.0.0.0/8, "
+                                f"got {item!r}") from None
+    return tuple(out)
+
+
 def validate_rate_limit(text: str) -> str:
     """One positive rate such as 100/minute; raises ValueError otherwise (also used by `keys create`)."""
     if any(sep in text for sep in ";,|"):
@@ -151,6 +166,7 @@ Size = Annotated[int, _reader(_size)]
 Urls = Annotated[tuple[str, ...], _reader(_urls)]
 Rate = Annotated[str, _reader(_rate)]
 Seconds = Annotated[float, seconds()]
+Proxies = Annotated[tuple[str, ...], _reader(_networks)]
 
 
 def knob(default: str, help: str) -> Any:
@@ -183,6 +199,13 @@ class Settings(BaseSettings):
         "model's own tokenizer; else 400 token_ids_not_accepted).")
     api_keys_file: Text = knob("er_api_keys.json", "Key file (hashes only); created with one key on first start.")
     access_token: OptionalText = knob("", "Optional extra static key, accepted like any other key.")
+    auth_failure_limit: Annotated[int, integer(0)] = knob(
+        "10", "Wrong, revoked or expired keys one client address may send per AUTH_FAILURE_WINDOW; then it gets "
+        "429 too_many_auth_failures until the window ends (0 = no limit).")
+    auth_failure_window: Seconds = knob("60", "Seconds over which AUTH_FAILURE_LIMIT counts an address's failures.")
+    trusted_proxies: Proxies = knob(
+        "", "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For names the client "
+        "(for AUTH_FAILURE_LIMIT); unset = the connecting address is the client.")
     rate_limit: Rate = knob("100/minute", "Per-key rate limit (moving window).")
     max_concurrent_requests: Annotated[int, integer(1)] = knob(
         "500", "Requests served at once; more get 429 concurrency_limit_exceeded.")

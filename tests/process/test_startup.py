@@ -1,21 +1,26 @@
-"""Starting the gateway process: the first key printed once, and start-ups refused with a reason."""
+"""Starting the gateway process: the first key handed over once, and start-ups refused with a reason."""
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import httpx
 
-from tests.procs import gateway_env, start_gateway
+from tests.procs import ROOT, gateway_env, spawn, start_gateway, wait_http
 
 
-def test_first_start_creates_key_file_and_prints_key_once(tmp_path, fake_embed, fake_rerank):
+def test_first_start_creates_key_file_and_hands_over_the_key_once(tmp_path, fake_embed, fake_rerank):
     env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url)
     keys_file = Path(env["API_KEYS_FILE"])
-    proc = start_gateway(tmp_path, env)
+    # its own session, so no terminal: the key goes to a file beside the key file, never to the output
+    proc = spawn([sys.executable, str(ROOT / "embedding_reranker_proxy.py")], tmp_path / "first.out", cwd=ROOT,
+                 env=env, url=f"http://127.0.0.1:{env['PORT']}", new_session=True)
     try:
-        out = proc.output()
-        key = next(w for w in out.split() if w.startswith("er-") and len(w) > 30)
+        wait_http(proc.url + "/health", proc=proc)
+        new_key = keys_file.with_name(keys_file.name + ".new-key").read_text()
+        key = next(w for w in new_key.split() if w.startswith("er-") and len(w) > 30)
+        assert key not in proc.output()
         assert stat.S_IMODE(os.stat(keys_file).st_mode) == 0o600
         assert key not in keys_file.read_text()
         assert key not in (Path(env["LOG_DIR"]) / "embedding_reranker_proxy.log").read_text()
