@@ -235,18 +235,26 @@ class HealthKind(BaseModel):
     replicas: list[dict[str, Any]]
 
 
+class KeyFileState(BaseModel):
+    file: str
+    last_good_load: str | None = Field(description="When the key file was last read fine (UTC, ISO 8601).")
+    error: str | None = Field(description="Null unless the file is missing or unreadable (the last good keys serve).")
+
+
 class Health(BaseModel):
     """Gateway and replica state; HTTP 503 with `status: degraded` when a kind has no reachable replica."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "status": "ok", "version": "1.0.0",
         "upstreams": {"embedding": {"healthy": 1, "replicas": [{"url": "http://127.0.0.1:8000", "healthy": True}]},
-                      "reranker": {"healthy": 1, "replicas": [{"url": "http://127.0.0.1:8001", "healthy": True}]}}}]})
+                      "reranker": {"healthy": 1, "replicas": [{"url": "http://127.0.0.1:8001", "healthy": True}]}},
+        "keys": {"file": "er_api_keys.json", "last_good_load": "2026-11-26T11:50:36Z", "error": None}}]})
 
     status: Literal["ok", "degraded"]
     version: str | None = None
     upstreams: dict[str, HealthKind]
-    unavailable: list[str] | None = None
+    keys: KeyFileState | None = None
+    unavailable: list[str] | None = Field(None, description="The model kinds without a reachable replica.")
 
 
 # ---- errors ---------------------------------------------------------------------------------------
