@@ -1,10 +1,11 @@
 """Failed authentication, throttled per client address: no free guessing of keys.
 
-After AUTH_FAILURE_LIMIT failures (a wrong, revoked or expired key, or a wrong METRICS_TOKEN; a
-missing key is not a guess) within AUTH_FAILURE_WINDOW seconds, counted from the address's first
-failure, every request from that address but GET /health gets 429 `too_many_auth_failures` with
+After AUTH_FAILURE_LIMIT failures (an unknown key or a wrong METRICS_TOKEN) within
+AUTH_FAILURE_WINDOW seconds, counted from the address's first failure, every request from that address but GET /health gets 429 `too_many_auth_failures` with
 Retry-After until the window ends, whatever key it sends: a valid key answered 200 where a wrong
 one gets 429 would still tell a guesser which guess was right. Other addresses are never slowed.
+Not counted: a missing key, and a revoked or expired one; those are no guesses (it was a real key),
+and a client still sending its old key after a rotation must not lock out the others at its address.
 
 Cost on the common path: one truth test of a dict that is empty unless some address is blocked
 right now, then one dict lookup; the client's address is only worked out when that dict is not
@@ -68,7 +69,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return {now, redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[1])}
 """
 
-COUNTED = frozenset({"invalid", "revoked", "expired", "metrics_token"})
+COUNTED = frozenset({"invalid", "metrics_token"})  # guesses; not missing, revoked or expired keys
 
 
 def failure_reason(e: ApiError) -> str:

@@ -200,7 +200,7 @@ class Settings(BaseSettings):
     api_keys_file: Text = knob("er_api_keys.json", "Key file (hashes only); created with one key on first start.")
     access_token: OptionalText = knob("", "Optional extra static key, accepted like any other key.")
     auth_failure_limit: Annotated[int, integer(0)] = knob(
-        "10", "Wrong, revoked or expired keys one client address may send per AUTH_FAILURE_WINDOW; then it gets "
+        "10", "Unknown keys one client address may send per AUTH_FAILURE_WINDOW (revoked or expired ones do not count); then it gets "
         "429 too_many_auth_failures until the window ends (0 = no limit).")
     auth_failure_window: Seconds = knob("60", "Seconds over which AUTH_FAILURE_LIMIT counts an address's failures.")
     trusted_proxies: Proxies = knob(

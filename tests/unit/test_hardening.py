@@ -171,3 +171,26 @@ async def test_a_complete_body_is_not_waited_for():
     await start_closing(req, Response(413, b"{}"), conn.send)
     await finish_closing(req, conn.send)
     assert time.monotonic() - t0 < 0.1
+
+
+class DownRedis:
+    """A redis client whose every script call fails as if Redis were unreachable."""
+
+    def register_script(self, _source: str):
+        async def call(**_kw):
+            raise ConnectionError("Redis is down")
+        return call
+
+
+async def test_redis_throttle_counts_in_process_while_redis_is_down():
+    from erproxy.auth_throttle import RedisAuthThrottle
+
+    t = RedisAuthThrottle(DownRedis(), 2, 60)
+    await t.start()
+    try:
+        assert [(await t.failed("10.0.0.1"))[0] for _ in range(2)] == [1, 2]
+        with pytest.raises(Exception) as e:
+            t.check(request())
+        assert e.value.code == "too_many_auth_failures"
+    finally:
+        await t.close()
