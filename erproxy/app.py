@@ -29,6 +29,7 @@ from .asgi import (
     start_closing,
 )
 from .auth import authenticate
+from .cache import ItemCache
 from .auth_throttle import COUNTED, AuthThrottle, failure_reason, make_auth_throttle, too_many_failures
 from .errors import ApiError, unexpected
 from .docs import with_docs
@@ -58,6 +59,7 @@ class Services:
         self.metrics = metrics
         self.throttle = throttle
         self._tasks: list[asyncio.Task[None]] = []
+        self.cache: ItemCache | None = None
 
     async def start(self) -> None:
         self.keys.load()
@@ -80,6 +82,8 @@ class Services:
         if self.throttle is not None:
             await self.throttle.close()
         await self.admission.close()
+        if self.cache is not None:
+            await self.cache.close()
         self.metrics.worker_exiting()
 
     async def _watch_keys(self) -> None:
@@ -243,13 +247,19 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Gatewa
         default_models={"embedding": settings.embedding_model, "reranker": settings.reranker_model},
     )
     metrics = Metrics()
+    cache = ItemCache(settings.cache_max_bytes, settings.redis_url, settings.cache_ttl)
     handlers = Handlers(upstreams, metrics, query_instruction=settings.embedding_query_instruction,
-                        metrics_token=settings.metrics_token, accept_token_ids=settings.accept_token_ids)
+                        metrics_token=settings.metrics_token, accept_token_ids=settings.accept_token_ids,
+                        auto_truncate=settings.auto_truncate, cache=cache,
+                        split_inputs=settings.split_embedding_inputs,
+                        split_documents=settings.split_rerank_documents)
     handlers.keys = keys  # /health shows the key file's state
     throttle = make_auth_throttle(settings.auth_failure_limit, settings.auth_failure_window,
                                   settings.trusted_proxies, getattr(admission, "redis", None))
     routes = with_docs(route_table(handlers), settings.docs)  # DOCS: /docs, /openapi.json, /
-    return Gateway(Services(keys, admission, upstreams, metrics, throttle), routes,
+    services = Services(keys, admission, upstreams, metrics, throttle)
+    services.cache = cache  # closed with the services
+    return Gateway(services, routes,
                    max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
 
 

@@ -45,6 +45,7 @@ from .protocol import (
     parse_rerank,
 )
 from .routing import Route
+from .split import auto_truncate, to_floats
 
 if TYPE_CHECKING:
     from .handlers import Handlers
@@ -383,31 +384,39 @@ class Dialects:
             apply_query_instruction(EmbeddingsRequest(model, len(texts), doc, True),
                                     qwen3=is_qwen3_embedding(model, info.root if info else None),
                                     default_instruction=self.h.query_instruction)
-        body = {"input": doc["input"], "encoding_format": "float", **fields}
-        if model is not None:
-            body["model"] = model
-        resp = await self.h.forward(req, "embedding", model, "/v1/embeddings", orjson.dumps(body))
-        if resp.status != 200:
-            raise upstream_error(resp, "embedding")
-        try:
-            answer = _VllmEmbeddings.model_validate_json(resp.body)
-            data = sorted(answer.data, key=lambda d: d.index)
-            if [d.index for d in data] != list(range(len(texts))):
-                raise ValueError("one vector per input")
-        except (ValidationError, ValueError):
-            raise bad_gateway(f"The embedding upstream {resp.replica.url} answered something that is not an "
-                              "embeddings result.") from None
+        mode = self.h.items.plan(req, "embedding", model, len(texts))
+        if mode is not None:  # the item path: cache, splitting, merged answer (split.py)
+            got = await self.h.items.embed(req, mode, model, doc["input"], fields)
+            rid, vectors, tokens = got.id, [to_floats(v) for v in got.vectors], got.prompt_tokens
+        else:
+            body = {"input": doc["input"], "encoding_format": "float", **fields}
+            if model is not None:
+                body["model"] = model
+            resp = await self.h.forward(req, "embedding", model, "/v1/embeddings", orjson.dumps(body))
+            if resp.status != 200:
+                raise upstream_error(resp, "embedding")
+            try:
+                answer = _VllmEmbeddings.model_validate_json(resp.body)
+                data = sorted(answer.data, key=lambda d: d.index)
+                if [d.index for d in data] != list(range(len(texts))):
+                    raise ValueError("one vector per input")
+            except (ValidationError, ValueError):
+                raise bad_gateway(f"The embedding upstream {resp.replica.url} answered something that is not an "
+                                  "embeddings result.") from None
+            rid, vectors = answer.id or "", [d.embedding for d in data]
+            tokens = answer.usage.prompt_tokens if answer.usage else None
         label = model or "-"
         self.h.metrics.inputs.labels(label).inc(len(texts))
-        tokens = answer.usage.prompt_tokens if answer.usage else None
+        # the one place this request's upstream-processed prompt tokens are known (cached items count none)
         if tokens:
             self.h.metrics.tokens.labels(label, "embedding").inc(tokens)
-        return Embedded(answer.id or "", [d.embedding for d in data], tokens)
+        return Embedded(rid, vectors, tokens)
 
     async def tei_embed(self, req: Request) -> Response:
         r: TEIEmbedRequest = validate(TEIEmbedRequest, parse_json_object(req.body))
         texts = [r.inputs] if isinstance(r.inputs, str) else r.inputs
         fields = tei_truncation(r.truncate, r.truncation_direction)
+        auto_truncate(fields, self.h.auto_truncate, refused="truncate" in r.model_fields_set and not r.truncate)
         if not r.normalize:
             fields["use_activation"] = False
         if r.dimensions is not None:
@@ -429,6 +438,7 @@ class Dialects:
             if getattr(r, name) is not None:
                 raise bad_request(f"`{name}` is not served: the gateway embeds text; send `texts`.", param=name)
         fields = cohere_truncation(r.truncate, r.max_tokens)
+        auto_truncate(fields, self.h.auto_truncate, refused=r.truncate == "NONE")
         if r.output_dimension is not None:
             fields["dimensions"] = r.output_dimension
         if r.priority is not None:
@@ -457,29 +467,40 @@ class Dialects:
         return await self.cohere_embed(req, "2")
 
     # ---- rerank ------------------------------------------------------------------------------------
-    async def _rerank(self, req: Request, rr: RerankRequest) -> Ranked:
+    async def _rerank(self, req: Request, rr: RerankRequest, refused: bool = False) -> Ranked:
         model = rr.model or self.h.upstreams.default_model("reranker")
         req.model, req.items = model, rr.items
         check_model_allowed(req.who, model)
-        resp = await self.h.forward(req, "reranker", model, "/v1/rerank", rr.upstream_body(model))
-        if resp.status != 200:
-            raise upstream_error(resp, "reranker")
-        try:
-            answer = _VllmRerank.model_validate_json(resp.body)
-            if any(not 0 <= x.index < len(rr.documents) for x in answer.results):
-                raise ValueError("index out of range")
-        except (ValidationError, ValueError):
-            raise bad_gateway(f"The reranker upstream {resp.replica.url} answered something that is not a "
-                              "rerank result.") from None
-        results = sorted(answer.results, key=lambda x: x.relevance_score, reverse=True)
+        auto_truncate(rr.extra, self.h.auto_truncate, refused=refused)
+        mode = self.h.items.plan(req, "reranker", model, rr.items)
+        if mode is not None:  # the item path: cache, splitting, scores merged over all documents (split.py)
+            got = await self.h.items.rerank(req, mode, model, rr)
+            ranks = [_VllmRank(index=i, relevance_score=s) for i, s in enumerate(got.scores)]
+            rid, answered = got.id, got.model
+            usage = {} if got.prompt_tokens is None else {"prompt_tokens": got.prompt_tokens,
+                                                          "total_tokens": got.prompt_tokens}
+        else:
+            resp = await self.h.forward(req, "reranker", model, "/v1/rerank", rr.upstream_body(model))
+            if resp.status != 200:
+                raise upstream_error(resp, "reranker")
+            try:
+                answer = _VllmRerank.model_validate_json(resp.body)
+                if any(not 0 <= x.index < len(rr.documents) for x in answer.results):
+                    raise ValueError("index out of range")
+            except (ValidationError, ValueError):
+                raise bad_gateway(f"The reranker upstream {resp.replica.url} answered something that is not a "
+                                  "rerank result.") from None
+            ranks, rid, answered = answer.results, answer.id, answer.model
+            usage = answer.usage.model_dump(exclude_none=True) if answer.usage else {}
+        results = sorted(ranks, key=lambda x: x.relevance_score, reverse=True)
         if rr.top_n is not None:
             results = results[: rr.top_n]
-        usage = answer.usage.model_dump(exclude_none=True) if answer.usage else {}
         label = model or "-"
         self.h.metrics.documents.labels(label).inc(rr.items)
+        # the one place this request's upstream-processed prompt tokens are known (cached items count none)
         if isinstance(usage.get("prompt_tokens"), int):
             self.h.metrics.tokens.labels(label, "reranker").inc(usage["prompt_tokens"])
-        return Ranked(answer.id, answer.model or model, results, usage)
+        return Ranked(rid, answered or model, results, usage)
 
     async def _documents_rerank(self, req: Request, version: str) -> Response:
         """Cohere/Jina: today's answer plus Cohere's `meta`; Dify's `score_threshold` drops results."""
@@ -516,7 +537,7 @@ class Dialects:
         if r.raw_scores:
             extra["use_activation"] = False
         rr = RerankRequest(r.model, r.query, r.texts, None, r.return_text, None, extra)
-        ranked = await self._rerank(req, rr)
+        ranked = await self._rerank(req, rr, refused="truncate" in r.model_fields_set and not r.truncate)
         out = []
         for x in ranked.results:
             item: dict[str, Any] = {"index": x.index, "score": x.relevance_score}

@@ -57,6 +57,8 @@ class Metrics:
         self.documents = Counter("erproxy_documents", "Documents reranked.", ["model"], registry=r)
         self.tokens = Counter("erproxy_tokens", "Prompt tokens processed, from upstream usage.", ["model", "kind"],
                               registry=r)
+        self.cache_items = Counter("erproxy_cache_items", "Embedding inputs and rerank documents looked up in the "
+                                   "item cache, by kind and result (hit, miss).", ["kind", "result"], registry=r)
         self.auth_failures = Counter("erproxy_auth_failures", "Failed authentications, by reason (missing, invalid, "
                                      "revoked, expired, metrics_token); never the key.", ["reason"], registry=r)
         self.auth_throttled = Counter("erproxy_auth_throttled", "Requests refused with 429 too_many_auth_failures "

@@ -254,6 +254,8 @@ class Health(BaseModel):
     version: str | None = None
     upstreams: dict[str, HealthKind]
     keys: KeyFileState | None = None
+    cache: dict[str, Any] | None = Field(None, description="The item cache: enabled, items, bytes, max_bytes, "
+                                         "redis (null without REDIS_URL, ok or unavailable).")
     unavailable: list[str] | None = Field(None, description="The model kinds without a reachable replica.")
 
 

@@ -98,6 +98,13 @@ def _size(raw: str, name: str) -> int:
     return value
 
 
+def _size_or_off(raw: str, name: str) -> int:
+    """A size, or 0 (off)."""
+    if raw.strip() == "0":
+        return 0
+    return _size(raw, name)
+
+
 def _urls(raw: str, name: str) -> tuple[str, ...]:
     urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
     if not urls:
@@ -163,6 +170,7 @@ Text = Annotated[str, _reader(lambda raw, name: raw.strip())]
 OptionalText = Annotated[str | None, _reader(lambda raw, name: raw.strip() or None)]
 Flag = Annotated[bool, _reader(_flag)]
 Size = Annotated[int, _reader(_size)]
+SizeOrOff = Annotated[int, _reader(_size_or_off)]
 Urls = Annotated[tuple[str, ...], _reader(_urls)]
 Rate = Annotated[str, _reader(_rate)]
 Seconds = Annotated[float, seconds()]
@@ -226,6 +234,17 @@ class Settings(BaseSettings):
     redis_url: OptionalText = knob("", "Redis shared by workers/instances for limits (unset = in-process state).")
     redis_fail_open: Flag = knob(
         "false", "When Redis is unreachable: false = answer 503, true = admit under per-process limits.")
+    cache_max_bytes: SizeOrOff = knob(
+        "256MiB", "In-process item cache (embedding vectors, rerank scores) of each worker; 0 turns the cache off.")
+    cache_ttl: Annotated[float, seconds(1, 365 * 86400.0)] = knob(
+        "86400", "Seconds a cached item lives in Redis (with REDIS_URL the cache is shared by workers and instances).")
+    split_embedding_inputs: Annotated[int, integer(1)] = knob(
+        "32", "An embeddings request with more inputs is split across the healthy replicas of its model (needs 2+).")
+    split_rerank_documents: Annotated[int, integer(1)] = knob(
+        "32", "A rerank request with more documents is split across the healthy replicas of its model (needs 2+).")
+    auto_truncate: Flag = knob(
+        "false", "Truncate every too-long input to the model's max_model_len unless the request says otherwise "
+        "(false: vLLM's 400 unless the request asks for truncation).")
     shutdown_grace: Seconds = knob("30", "Seconds SIGTERM waits for in-flight requests before closing connections.")
 
     _not_applicable: tuple[str, ...] = PrivateAttr(default=())

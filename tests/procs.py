@@ -101,6 +101,8 @@ def gateway_env(tmp: Path, embed_urls: str, rerank_urls: str, **overrides: str) 
         "API_KEYS_FILE": str(tmp / "keys.json"),
         "LOG_DIR": str(tmp / "logs"),
         "HEALTH_INTERVAL": "0.5",
+        # the item cache off: tests count the requests vLLM gets; tests of the cache turn it on
+        "CACHE_MAX_BYTES": "0",
     })
     env.update(overrides)
     return env

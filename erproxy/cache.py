@@ -1,0 +1,185 @@
+"""The item cache: one entry per embedding input or per rerank (query, document) pair.
+
+Keys hash everything that changes the answer of one item: the served model and its upstream root,
+the exact text sent upstream (after the Qwen3 instruction), and every other upstream field but the
+ones that only label a request (`user`, `priority`). Values are what vLLM computed: an embedding's
+float32 little-endian bytes (vLLM's base64 payload), a rerank score as an IEEE double. A cached
+vector therefore decodes to the same float32 values as the first answer, in float and in base64.
+
+Lookups go to an in-process LRU bounded by CACHE_MAX_BYTES, then, for what it lacks, to Redis when
+REDIS_URL is set (one MGET per request; the misses are written with one pipelined SET ... EX
+CACHE_TTL), so workers and instances share it. Redis being down never fails a request: the error
+is logged once, Redis is skipped for REDIS_RETRY_S, and the request is served from the LRU and
+the upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Iterable
+
+import orjson
+
+from .asgi import Request
+
+log = logging.getLogger("erproxy.cache")
+
+REDIS_PREFIX = "erproxy:item:"
+REDIS_TIMEOUT_S = 0.5
+REDIS_RETRY_S = 5.0
+ENTRY_OVERHEAD = 96  # bytes an LRU entry costs beyond its key and value (dict slot, objects)
+# Upstream fields that label a request without changing any item's answer.
+UNKEYED_FIELDS = frozenset({"user", "priority", "request_id", "encoding_format", "embed_dtype", "endianness",
+                            "input", "model", "documents", "query", "top_n", "return_documents"})
+
+# Cache-Control of a request -> what the cache does
+USE, REFRESH, BYPASS = "use", "refresh", "bypass"
+
+
+def cache_mode(req: Request) -> str:
+    """`no-store`: neither read nor write; `no-cache`: recompute and refresh; else read and write."""
+    value = req.header(b"cache-control")
+    if not value:
+        return USE
+    directives = {d.strip().split(b"=")[0].lower() for d in value.split(b",")}
+    if b"no-store" in directives:
+        return BYPASS
+    if b"no-cache" in directives:
+        return REFRESH
+    return USE
+
+
+def _fields(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k not in UNKEYED_FIELDS}
+
+
+def _digest(parts: list[Any]) -> str:
+    return hashlib.blake2b(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS), digest_size=20).hexdigest()
+
+
+def embedding_keys(model: str | None, root: str | None, texts: Iterable[str], fields: dict[str, Any]) -> list[str]:
+    """One key per text: model, root, the text as sent upstream, and the fields that change a vector."""
+    prefix = orjson.dumps(["e", model, root, _fields(fields)], option=orjson.OPT_SORT_KEYS)
+    out = []
+    for text in texts:
+        h = hashlib.blake2b(prefix, digest_size=20)
+        h.update(b"\x00")
+        h.update(text.encode())
+        out.append(h.hexdigest())
+    return out
+
+
+def rerank_keys(model: str | None, root: str | None, instruction: str | None, query: str, documents: Iterable[str],
+                fields: dict[str, Any]) -> list[str]:
+    """One key per document: model, root, instruction, query, the document, truncation and the other fields."""
+    prefix = orjson.dumps(["r", model, root, instruction, query, _fields(fields)], option=orjson.OPT_SORT_KEYS)
+    out = []
+    for doc in documents:
+        h = hashlib.blake2b(prefix, digest_size=20)
+        h.update(b"\x00")
+        h.update(doc.encode())
+        out.append(h.hexdigest())
+    return out
+
+
+class ItemCache:
+    """In-process LRU of at most `max_bytes` (0: off), in front of Redis when `redis_url` is set."""
+
+    def __init__(self, max_bytes: int, redis_url: str | None = None, ttl: float = 86400.0) -> None:
+        self.max_bytes = max_bytes
+        self.ttl = max(1, int(ttl))
+        self.lru: OrderedDict[str, bytes] = OrderedDict()
+        self.bytes = 0
+        self.redis: Any = None
+        self.redis_url = redis_url
+        self._redis_down_until = 0.0
+        self._redis_error: str | None = None
+        if max_bytes > 0 and redis_url:
+            import redis.asyncio as aioredis
+
+            self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                                 socket_connect_timeout=REDIS_TIMEOUT_S)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def state(self) -> dict[str, Any]:
+        """What /health shows."""
+        return {"enabled": self.enabled, "items": len(self.lru), "bytes": self.bytes, "max_bytes": self.max_bytes,
+                "redis": None if self.redis is None else ("unavailable" if self._redis_error else "ok")}
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    # ---- the in-process LRU ------------------------------------------------------------------------
+    def _get_local(self, key: str) -> bytes | None:
+        value = self.lru.get(key)
+        if value is not None:
+            self.lru.move_to_end(key)
+        return value
+
+    def _put_local(self, key: str, value: bytes) -> None:
+        cost = len(key) + len(value) + ENTRY_OVERHEAD
+        if cost > self.max_bytes:
+            return
+        old = self.lru.pop(key, None)
+        if old is not None:
+            self.bytes -= len(key) + len(old) + ENTRY_OVERHEAD
+        self.lru[key] = value
+        self.bytes += cost
+        while self.bytes > self.max_bytes:
+            k, v = self.lru.popitem(last=False)
+            self.bytes -= len(k) + len(v) + ENTRY_OVERHEAD
+
+    # ---- Redis -------------------------------------------------------------------------------------
+    def _redis_usable(self) -> bool:
+        return self.redis is not None and time.monotonic() >= self._redis_down_until
+
+    def _redis_failed(self, e: BaseException) -> None:
+        reason = f"{type(e).__name__}: {e}"
+        if self._redis_error is None:
+            log.warning("Redis item cache unavailable (%s): serving from the in-process cache and the upstream; "
+                        "trying again every %.0f s", reason, REDIS_RETRY_S)
+        self._redis_error = reason
+        self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+
+    def _redis_ok(self) -> None:
+        if self._redis_error is not None:
+            log.info("Redis item cache is reachable again")
+            self._redis_error = None
+
+    # ---- what the item path calls --------------------------------------------------------------------
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        found = [self._get_local(k) for k in keys]
+        missing = [i for i, v in enumerate(found) if v is None]
+        if missing and self._redis_usable():
+            try:
+                values = await self.redis.mget([REDIS_PREFIX + keys[i] for i in missing])
+            except Exception as e:  # noqa: BLE001 - any Redis failure: skip the shared layer
+                self._redis_failed(e)
+            else:
+                self._redis_ok()
+                for i, v in zip(missing, values):
+                    if v is not None:
+                        found[i] = v
+                        self._put_local(keys[i], v)
+        return found
+
+    async def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        for k, v in items:
+            self._put_local(k, v)
+        if items and self._redis_usable():
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for k, v in items:
+                    pipe.set(REDIS_PREFIX + k, v, ex=self.ttl)
+                await pipe.execute()
+            except Exception as e:  # noqa: BLE001
+                self._redis_failed(e)
+            else:
+                self._redis_ok()

@@ -1,0 +1,305 @@
+"""The item path shared by every embeddings and rerank route: cache lookups, misses split across
+replicas, answers merged in input order.
+
+A request goes through it when the item cache is on (and the request does not say
+`Cache-Control: no-store`) or when it is big enough to split; otherwise the handlers keep their
+pass-through fast path. Per request:
+
+1. keys for every item (cache.py); one lookup for all of them (LRU, then one Redis MGET);
+2. the misses, cut into chunks when more than one healthy replica serves the model and there are
+   more than SPLIT_EMBEDDING_INPUTS inputs or SPLIT_RERANK_DOCUMENTS documents: as many chunks as
+   healthy replicas (at most one per SPLIT_* items), posted concurrently, each to the least-loaded
+   replica, each retried elsewhere like a whole request (upstreams.post); a chunk that fails for
+   good ends the request with its error and cancels the others, never a partial answer;
+3. the upstream answers merged: vectors or scores by input index, usage summed (the tokens the
+   upstream processed, cached items count none), the misses written to the cache.
+
+Embeddings are asked of vLLM as base64 (float32 little-endian) and kept as those bytes; a float
+answer prints each value as vLLM does (Python's repr of the float32 widened to a double).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import random
+import re
+import sys
+import time
+from array import array
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+import orjson
+
+from .asgi import Request
+from .cache import BYPASS, REFRESH, ItemCache, cache_mode, embedding_keys, rerank_keys
+from .errors import bad_gateway, upstream_error
+from .metrics import Metrics
+from .protocol import RerankRequest
+from .upstreams import UpstreamResponse, Upstreams
+
+if TYPE_CHECKING:
+    from .handlers import Forwarder
+
+_LITTLE = sys.byteorder == "little"
+_SCORE = "<d"
+# orjson writes tiny and huge doubles differently from Python's repr (0.00001 vs 1e-05, 1e16 vs 1e+16)
+_NOT_REPR = re.compile(rb"-?0\.0000\d+|-?\d+(?:\.\d+)?e[-+]?\d+")
+
+
+def _repr_number(m: re.Match[bytes]) -> bytes:
+    return repr(float(m.group())).encode()
+
+
+def floats_json(raw: bytes) -> bytes:
+    """A JSON array of the float32 values in `raw`, each printed as vLLM prints it."""
+    return _NOT_REPR.sub(_repr_number, orjson.dumps(to_floats(raw)))
+
+
+def to_floats(raw: bytes) -> list[float]:
+    a = array("f")
+    a.frombytes(raw)
+    if not _LITTLE:
+        a.byteswap()
+    return a.tolist()
+
+
+def from_floats(values: list[float]) -> bytes:
+    a = array("f", values)
+    if not _LITTLE:
+        a.byteswap()
+    return a.tobytes()
+
+
+@dataclass
+class Embedded:
+    vectors: list[bytes]  # float32 little-endian, in input order
+    prompt_tokens: int | None  # what the upstream processed (None: it did not say)
+    id: str
+    created: int
+    model: str | None
+
+
+@dataclass
+class Scored:
+    scores: list[float]  # by document index
+    prompt_tokens: int | None
+    id: str | None
+    model: str | None
+
+
+def _rand_id(prefix: str) -> str:
+    return f"{prefix}-{random.getrandbits(64):016x}"
+
+
+def chunks(indices: list[int], limit: int, replicas: int) -> list[list[int]]:
+    """`indices` cut into as many even chunks as `replicas`, at most one per `limit` items."""
+    n = len(indices)
+    if replicas < 2 or n <= limit:
+        return [indices] if indices else []
+    parts = min(replicas, math.ceil(n / limit))
+    size, extra = divmod(n, parts)
+    out, start = [], 0
+    for p in range(parts):
+        end = start + size + (1 if p < extra else 0)
+        out.append(indices[start:end])
+        start = end
+    return out
+
+
+def auto_truncate(fields: dict[str, Any], enabled: bool, refused: bool = False) -> None:
+    """AUTO_TRUNCATE: inputs longer than the model's max_model_len are cut (vLLM `truncate_prompt_tokens: -1`)
+    unless the request set its own truncation or refused it (TEI `truncate: false`, Cohere `NONE`)."""
+    if enabled and not refused and "truncate_prompt_tokens" not in fields:
+        fields["truncate_prompt_tokens"] = -1
+
+
+class Items:
+    """Cache and splitting for the handlers; `plan` says whether a request takes this path."""
+
+    def __init__(self, upstreams: Upstreams, forward: "Forwarder", cache: ItemCache, metrics: Metrics, *,
+                 split_inputs: int = 32, split_documents: int = 32) -> None:
+        self.upstreams = upstreams
+        self.forward = forward
+        self.cache = cache
+        self.metrics = metrics
+        self.split_limits = {"embedding": split_inputs, "reranker": split_documents}
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def healthy(self, kind: str, model: str | None) -> int:
+        return sum(1 for r in self.upstreams.candidates(kind, model) if r.healthy)
+
+    def plan(self, req: Request, kind: str, model: str | None, items: int) -> str | None:
+        """The cache mode when the request takes the item path; None for the pass-through path."""
+        mode = cache_mode(req) if self.cache.enabled else BYPASS
+        if mode != BYPASS:
+            return mode
+        if items > self.split_limits[kind] and self.healthy(kind, model) >= 2:
+            return BYPASS
+        req.cache_hits, req.cache_misses = 0, items
+        return None
+
+    def _count(self, kind: str, hits: int, misses: int) -> None:
+        for result, n in (("hit", hits), ("miss", misses)):
+            if n:
+                c = self._counters.get((kind, result))
+                if c is None:
+                    c = self._counters[(kind, result)] = self.metrics.cache_items.labels(kind, result)
+                c.inc(n)
+
+    async def _lookup(self, req: Request, kind: str, mode: str, keys: list[str] | None, n: int
+                      ) -> list[bytes | None]:
+        if keys is None:
+            found: list[bytes | None] = [None] * n
+        elif mode == REFRESH:
+            found = [None] * n
+        else:
+            found = await self.cache.get_many(keys)
+        hits = sum(1 for v in found if v is not None)
+        req.cache_hits, req.cache_misses = hits, n - hits
+        if keys is not None:
+            self._count(kind, hits, n - hits)
+        return found
+
+    async def _post_chunks(self, req: Request, kind: str, model: str | None, path: str,
+                           parts: list[list[int]], body_of: Callable[[list[int]], bytes]) -> list[UpstreamResponse]:
+        bodies = [body_of(p) for p in parts]
+        resps = await self.forward.many(req, kind, model, path, bodies)
+        return resps
+
+    # ---- embeddings --------------------------------------------------------------------------------
+    async def embed(self, req: Request, mode: str, model: str | None, texts: list[str], fields: dict[str, Any]
+                    ) -> Embedded:
+        """`texts` as they go upstream (instruction applied); `fields` the other upstream fields."""
+        info = self.upstreams.model_info(model)
+        keys = embedding_keys(model, info.root if info else None, texts, fields) if mode != BYPASS else None
+        found = await self._lookup(req, "embedding", mode, keys, len(texts))
+        missing = [i for i, v in enumerate(found) if v is None]
+        tokens: int | None = 0
+        rid, created, answered_model = None, None, None
+        if missing:
+            healthy = self.healthy("embedding", model) if len(missing) > self.split_limits["embedding"] else 1
+            parts = chunks(missing, self.split_limits["embedding"], healthy)
+
+            def body_of(part: list[int]) -> bytes:
+                body = {**fields, "input": [texts[i] for i in part], "encoding_format": "base64"}
+                if model is not None:
+                    body["model"] = model
+                return orjson.dumps(body)
+
+            resps = await self._post_chunks(req, "embedding", model, "/v1/embeddings", parts, body_of)
+            fresh: list[tuple[str, bytes]] = []
+            for part, resp in zip(parts, resps):
+                try:
+                    doc = orjson.loads(resp.body)
+                    data = doc["data"]
+                    if not isinstance(data, list) or len(data) != len(part):
+                        raise ValueError("one vector per input")
+                    for item in data:
+                        pos = item["index"]
+                        if not isinstance(pos, int) or not 0 <= pos < len(part):
+                            raise ValueError("index out of range")
+                        emb = item["embedding"]
+                        raw = base64.b64decode(emb) if isinstance(emb, str) else from_floats(emb)
+                        found[part[pos]] = raw
+                        if keys is not None:
+                            fresh.append((keys[part[pos]], raw))
+                    used = (doc.get("usage") or {}).get("prompt_tokens")
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                    raise bad_gateway(f"The embedding upstream {resp.replica.url} answered something that is not "
+                                      "an embeddings result.") from None
+                tokens = tokens + used if isinstance(used, int) and tokens is not None else None
+                rid = rid or doc.get("id")
+                created = created or doc.get("created")
+                answered_model = answered_model or doc.get("model")
+            if any(v is None for v in found):
+                raise bad_gateway("The embedding upstream answered fewer vectors than inputs.")
+            if keys is not None and fresh:
+                await self.cache.put_many(fresh)
+        return Embedded([v for v in found if v is not None], tokens, rid or _rand_id("embd"),
+                        created if isinstance(created, int) else int(time.time()), answered_model or model)
+
+    # ---- rerank ------------------------------------------------------------------------------------
+    async def rerank(self, req: Request, mode: str, model: str | None, rr: RerankRequest) -> Scored:
+        """A score for every document of `rr` (top_n is applied by the caller, after the merge)."""
+        info = self.upstreams.model_info(model)
+        docs = rr.documents
+        keys = (rerank_keys(model, info.root if info else None, rr.instruction, rr.query, docs, rr.extra)
+                if mode != BYPASS else None)
+        found = await self._lookup(req, "reranker", mode, keys, len(docs))
+        scores: list[float | None] = [None if v is None else _unpack_score(v) for v in found]
+        missing = [i for i, v in enumerate(scores) if v is None]
+        tokens: int | None = 0
+        rid, answered_model = None, None
+        if missing:
+            healthy = self.healthy("reranker", model) if len(missing) > self.split_limits["reranker"] else 1
+            parts = chunks(missing, self.split_limits["reranker"], healthy)
+
+            def body_of(part: list[int]) -> bytes:
+                return replace(rr, documents=[docs[i] for i in part], top_n=None).upstream_body(model)
+
+            resps = await self._post_chunks(req, "reranker", model, "/v1/rerank", parts, body_of)
+            fresh: list[tuple[str, bytes]] = []
+            for part, resp in zip(parts, resps):
+                try:
+                    doc = orjson.loads(resp.body)
+                    results = doc["results"]
+                    if not isinstance(results, list):
+                        raise ValueError("results")
+                    for r in results:
+                        pos, score = r["index"], r["relevance_score"]
+                        if (not isinstance(pos, int) or not 0 <= pos < len(part) or isinstance(score, bool)
+                                or not isinstance(score, (int, float))):
+                            raise ValueError("malformed result")
+                        scores[part[pos]] = float(score)
+                        if keys is not None:
+                            fresh.append((keys[part[pos]], _pack_score(float(score))))
+                    used = (doc.get("usage") or {}).get("prompt_tokens")
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                    raise bad_gateway(f"The reranker upstream {resp.replica.url} answered something that is not "
+                                      "a rerank result.") from None
+                tokens = tokens + used if isinstance(used, int) and tokens is not None else None
+                rid = rid or doc.get("id")
+                answered_model = answered_model or doc.get("model")
+            if any(s is None for s in scores):
+                raise bad_gateway("The reranker upstream answered fewer scores than documents.")
+            if keys is not None and fresh:
+                await self.cache.put_many(fresh)
+        return Scored([s for s in scores if s is not None], tokens, rid or _rand_id("score"),
+                      answered_model or model)
+
+
+def _pack_score(score: float) -> bytes:
+    import struct
+
+    return struct.pack(_SCORE, score)
+
+
+def _unpack_score(raw: bytes) -> float | None:
+    import struct
+
+    return struct.unpack(_SCORE, raw)[0] if len(raw) == 8 else None
+
+
+def embeddings_answer(e: Embedded, encoding_format: str | None, model: str | None) -> bytes:
+    """The OpenAI/vLLM embeddings answer for `e`: vLLM's shape, float or base64."""
+    b64 = encoding_format == "base64"
+    parts = [b'{"id":', orjson.dumps(e.id), b',"object":"list","created":', str(e.created).encode(),
+             b',"model":', orjson.dumps(e.model or model), b',"data":[']
+    for i, raw in enumerate(e.vectors):
+        if i:
+            parts.append(b",")
+        parts += [b'{"index":', str(i).encode(), b',"object":"embedding","embedding":',
+                  b'"' + base64.b64encode(raw) + b'"' if b64 else floats_json(raw), b"}"]
+    tokens = e.prompt_tokens
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+             "prompt_tokens_details": None}
+    parts += [b'],"usage":', orjson.dumps(usage), b"}"]
+    return b"".join(parts)
+
+
+def check_status(resp: UpstreamResponse, kind: str) -> UpstreamResponse:
+    if resp.status != 200:
+        raise upstream_error(resp, kind)
+    return resp
