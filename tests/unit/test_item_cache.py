@@ -1,0 +1,90 @@
+"""The item cache's parts (erproxy/cache.py, split.py): keys, the LRU's bound, Cache-Control, chunks, and
+float32 values printed exactly as vLLM prints them."""
+
+import json
+import random
+import struct
+
+import pytest
+
+from erproxy.cache import BYPASS, REFRESH, USE, ItemCache, cache_mode, embedding_keys, rerank_keys
+from erproxy.split import auto_truncate, chunks, floats_json, from_floats, to_floats
+
+
+def f32(x):
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def test_floats_print_as_pythons_repr_of_the_widened_float32():
+    rng = random.Random(7)
+    values = [f32(rng.gauss(0, 0.05)) for _ in range(50000)]
+    values += [f32(x) for x in (1e-5, -3e-7, 1e-4, 0.0001234, 1e16, -1e22, 123456789.0, 1e-38, 3.4e38, 0.5)]
+    values += [0.0, -0.0, 1.0, -1.0]
+    raw = from_floats(values)
+    assert floats_json(raw) == json.dumps(values, separators=(",", ":")).encode()
+    assert to_floats(raw) == values
+
+
+def test_keys_follow_everything_that_changes_the_answer():
+    base = embedding_keys("m", "root", ["a", "b"], {})
+    assert len(set(base)) == 2
+    assert embedding_keys("m", "root", ["a"], {"user": "u", "priority": 3})[0] == base[0]
+    for other in (embedding_keys("m2", "root", ["a"], {}), embedding_keys("m", "root2", ["a"], {}),
+                  embedding_keys("m", "root", ["a"], {"dimensions": 64}),
+                  embedding_keys("m", "root", ["a"], {"truncate_prompt_tokens": -1}),
+                  embedding_keys("m", "root", ["a"], {"use_activation": False}),
+                  embedding_keys("m", "root", ["Instruct: x\nQuery:a"], {})):
+        assert other[0] != base[0]
+    r = rerank_keys("m", None, None, "q", ["d"], {})[0]
+    assert r != base[0]
+    assert rerank_keys("m", None, "inst", "q", ["d"], {})[0] != r
+    assert rerank_keys("m", None, None, "q2", ["d"], {})[0] != r
+    assert rerank_keys("m", None, None, "q", ["d"], {"truncate_prompt_tokens": 100})[0] != r
+    assert rerank_keys("m", None, None, "q", ["d"], {"top_n": 2, "return_documents": True})[0] == r
+
+
+async def test_lru_stays_within_its_bytes_and_drops_the_oldest():
+    c = ItemCache(2000)
+    await c.put_many([(f"k{i}", bytes(300)) for i in range(10)])
+    assert c.bytes <= 2000 and len(c.lru) == c.bytes // (300 + 2 + 96)
+    got = await c.get_many(["k0", "k9"])
+    assert got == [None, bytes(300)]
+    off = ItemCache(0)
+    assert not off.enabled and off.state()["enabled"] is False
+
+
+class FakeReq:
+    def __init__(self, value):
+        self.value = value
+
+    def header(self, name):
+        return self.value
+
+
+@pytest.mark.parametrize("value,mode", [(None, USE), (b"max-age=60", USE), (b"no-cache", REFRESH),
+                                        (b"No-Store", BYPASS), (b"no-cache, no-store", BYPASS)])
+def test_cache_control(value, mode):
+    assert cache_mode(FakeReq(value)) == mode
+
+
+def test_chunks_even_one_per_replica_at_most_one_per_limit():
+    idx = list(range(100))
+    assert chunks(idx, 32, 1) == [idx]
+    assert chunks(idx[:32], 32, 4) == [idx[:32]]
+    assert [len(c) for c in chunks(idx, 32, 2)] == [50, 50]
+    assert [len(c) for c in chunks(idx, 32, 8)] == [25, 25, 25, 25]
+    assert [len(c) for c in chunks(idx[:33], 32, 3)] == [17, 16]
+    assert sum(chunks(idx, 10, 3), []) == idx
+
+
+def test_auto_truncate_unless_the_request_decides():
+    f = {}
+    auto_truncate(f, True)
+    assert f == {"truncate_prompt_tokens": -1}
+    f = {"truncate_prompt_tokens": 10}
+    auto_truncate(f, True)
+    assert f == {"truncate_prompt_tokens": 10}
+    f = {}
+    auto_truncate(f, True, refused=True)
+    auto_truncate(f, False)
+    assert f == {}
