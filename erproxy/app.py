@@ -28,6 +28,7 @@ from .asgi import (
     response_start,
     start_closing,
 )
+from .accounting import Accounting, make_accounting
 from .auth import authenticate
 from .cache import ItemCache
 from .auth_throttle import COUNTED, AuthThrottle, failure_reason, make_auth_throttle, too_many_failures
@@ -39,6 +40,7 @@ from .logs import log_access
 from .metrics import Metrics
 from .routing import RouteTable
 from .settings import Settings
+from .usage import usage_routes
 from .upstreams import Upstreams
 
 log = logging.getLogger("erproxy.app")
@@ -59,6 +61,7 @@ class Services:
         self.metrics = metrics
         self.throttle = throttle
         self._tasks: list[asyncio.Task[None]] = []
+        self.accounting: Accounting | None = None  # usage and token limits (accounting.py)
         self.cache: ItemCache | None = None
 
     async def start(self) -> None:
@@ -70,6 +73,8 @@ class Services:
         if self.throttle is not None:
             await self.throttle.start()
         await self.upstreams.start()
+        if self.accounting is not None:
+            await self.accounting.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_keys()))
         self._tasks.append(loop.create_task(self.metrics.refresh_loop(self.upstreams)))
@@ -81,6 +86,8 @@ class Services:
         await self.upstreams.close()
         if self.throttle is not None:
             await self.throttle.close()
+        if self.accounting is not None:
+            await self.accounting.close()  # the last usage flush
         await self.admission.close()
         if self.cache is not None:
             await self.cache.close()
@@ -120,6 +127,7 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
         self.throttle = services.throttle
+        self.accounting = services.accounting
         try:  # /health stays open to an address blocked for failed authentications
             self.health_endpoint: object = routes.match("/health", "GET")
         except ApiError:
@@ -201,6 +209,8 @@ class Gateway:
             return await endpoint.handler(req)
         req.who = authenticate(req, self.keys)
         await self.admission.enforce_rate_limit(req.who)
+        if self.accounting is not None and req.method == "POST":  # TOKEN_LIMIT: 429 token_limit_exceeded
+            req.token_ticket = await self.accounting.admit(req.who)
         if req.method == "POST":
             # The whole body, under a deadline, before a slot is taken: a client that trickles its
             # body must not hold one of MAX_CONCURRENT_REQUESTS slots while it does.
@@ -222,6 +232,8 @@ class Gateway:
         model = req.model if req.model is None or self.upstreams.is_known_model(req.model) else "unknown"
         if route != "/metrics":
             self.metrics.observe_request(route, model or "-", status, who, total, req.upstream_s)
+        if self.accounting is not None:  # per-key usage, token charges: batched, never awaited here
+            self.accounting.record(req, model or "-", status)
         log_access(who=who, method=req.method, route=req.path, model=req.model, items=req.items, status=status,
                    latency_ms=total * 1000, upstream=req.upstream, note=note)
 
@@ -256,8 +268,12 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Gatewa
     handlers.keys = keys  # /health shows the key file's state
     throttle = make_auth_throttle(settings.auth_failure_limit, settings.auth_failure_window,
                                   settings.trusted_proxies, getattr(admission, "redis", None))
-    routes = with_docs(route_table(handlers), settings.docs)  # DOCS: /docs, /openapi.json, /
+    accounting = make_accounting(settings, admission, metrics)
+    table = route_table(handlers)
+    table = RouteTable([*table.routes, *usage_routes(accounting.usage)])  # GET /v1/usage
+    routes = with_docs(table, settings.docs)  # DOCS: /docs, /openapi.json, /
     services = Services(keys, admission, upstreams, metrics, throttle)
+    services.accounting = accounting
     services.cache = cache  # closed with the services
     return Gateway(services, routes,
                    max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)

@@ -25,7 +25,7 @@ class Request:
     """What the handlers need to know of one HTTP request, plus what the access log records."""
 
     __slots__ = ("scope", "receive", "path", "method", "who", "model", "items", "upstream", "upstream_s", "start",
-                 "body", "body_complete", "cache_hits", "cache_misses")
+                 "body", "body_complete", "tokens", "token_ticket", "cache_hits", "cache_misses")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
@@ -39,6 +39,8 @@ class Request:
         self.upstream_s = 0.0
         self.body = b""
         self.body_complete = False  # the client has sent all of its body (read_body saw the last part)
+        self.tokens = 0  # prompt tokens the upstream processed (set by the handler); usage.py counts them
+        self.token_ticket: object = None  # the token limit's mark of this request (token_limits.py)
         self.cache_hits = 0  # items answered from the item cache (split.py); usage accounting reads them
         self.cache_misses = 0  # items the upstream computed for this request
         self.start = time.perf_counter()

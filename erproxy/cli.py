@@ -18,6 +18,7 @@ from .keys import (
     revoke_key,
     rotate_key,
 )
+from . import usage_cli
 from .audit import audit
 from .logs import setup_logging
 from .settings import Settings, SettingsError, not_applicable_line, validate_rate_limit
@@ -79,12 +80,12 @@ def deliver_new_key(key: str, settings: Settings) -> None:
         print(f"A new API key was created in {settings.api_keys_file} and shown on the terminal only "
               "(never in this output or the log).", flush=True)
         return
-    path = write_new_key_file(Path(settings.api_keys_file), banner)
+    path = write_new_key_file(Path(settings.api_keys_file), key + "\n")  # the key alone: KEY=$(cat path)
     print(
         "\n"
         f" A new API key was created and stored (hashed) in {settings.api_keys_file}.\n"
         f" There is no terminal to show it on, so it was written to {path} (mode 0600), not here:\n"
-        f"     cat {path}    # save the key somewhere safe, then:\n"
+        f"     KEY=$(cat {path})    # save the key somewhere safe, then:\n"
         f"     rm {path}\n",
         flush=True,
     )
@@ -201,21 +202,26 @@ def keys_init(args: argparse.Namespace, settings: Settings, path: Path) -> None:
 def keys_create(args: argparse.Namespace, settings: Settings, path: Path) -> None:
     if args.rate_limit:
         validate_rate_limit(args.rate_limit)
+    usage_cli.check_token_limit(args.token_limit)
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     expires_in = parse_duration(args.expires_in) if args.expires_in else None
-    key, record = create_key(path, args.name, rate_limit=args.rate_limit, models=models, expires_in=expires_in)
+    key, record = create_key(path, args.name, rate_limit=args.rate_limit, models=models, expires_in=expires_in,
+                             token_limit=args.token_limit)
     audit(settings, "create", record.name, prefix=record.prefix, rate_limit=record.rate_limit,
           models=record.models, expires=record.expires)
     print(f"Created key {record.name!r} ({record.prefix}…). It is shown only now:\n\n    {key}\n")
 
 
 def keys_list(args: argparse.Namespace, settings: Settings, path: Path) -> None:
-    rows = [("NAME", "PREFIX", "CREATED", "EXPIRES", "RATE LIMIT", "MODELS", "STATUS")]
-    for rec in read_records(path):
+    rows = [("NAME", "PREFIX", "CREATED", "EXPIRES", "RATE LIMIT", "TOKEN LIMIT", "MODELS", "STATUS", "TODAY (UTC)")]
+    records = read_records(path)
+    today = usage_cli.today_by_key(settings)
+    for rec in records:
         status = "revoked" if rec.revoked else ("expired" if rec.expired() else "active")
         rows.append((rec.name, rec.prefix + "…", rec.created, rec.expires or "never",
-                     rec.rate_limit or f"{settings.rate_limit} (default)", ",".join(rec.models or []) or "all",
-                     status))
+                     rec.rate_limit or f"{settings.rate_limit} (default)",
+                     rec.extra.get("token_limit") or (f"{settings.token_limit} (default)" if settings.token_limit else "none"),
+                     ",".join(rec.models or []) or "all", status, usage_cli.today_cell(today, rec.name)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -238,6 +244,7 @@ def keys_rotate(args: argparse.Namespace, settings: Settings, path: Path) -> Non
 
 KEY_COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, Path], None]] = {
     "init": keys_init, "create": keys_create, "list": keys_list, "revoke": keys_revoke, "rotate": keys_rotate,
+    **usage_cli.COMMANDS,  # update, usage
 }
 
 
@@ -255,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--rate-limit", help="e.g. 300/minute (default: RATE_LIMIT)")
     c.add_argument("--models", help="comma-separated allow-list of models (default: all)")
     c.add_argument("--expires-in", help="e.g. 30d, 12h (default: never)")
+    c.add_argument("--token-limit", help="prompt tokens per window, e.g. 100000/minute (default: TOKEN_LIMIT)")
+    usage_cli.add_commands(ksub)
     ksub.add_parser("list", help="list keys (never shows the keys themselves)")
     r = ksub.add_parser("revoke", help="revoke a key by name or prefix")
     r.add_argument("ref", metavar="NAME|PREFIX")

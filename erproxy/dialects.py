@@ -408,6 +408,7 @@ class Dialects:
         label = model or "-"
         self.h.metrics.inputs.labels(label).inc(len(texts))
         # the one place this request's upstream-processed prompt tokens are known (cached items count none)
+        req.tokens = tokens or 0  # usage accounting and token limits (usage.py, token_limits.py)
         if tokens:
             self.h.metrics.tokens.labels(label, "embedding").inc(tokens)
         return Embedded(rid, vectors, tokens)
@@ -499,6 +500,7 @@ class Dialects:
         self.h.metrics.documents.labels(label).inc(rr.items)
         # the one place this request's upstream-processed prompt tokens are known (cached items count none)
         if isinstance(usage.get("prompt_tokens"), int):
+            req.tokens = usage["prompt_tokens"]  # usage accounting and token limits (usage.py)
             self.h.metrics.tokens.labels(label, "reranker").inc(usage["prompt_tokens"])
         return Ranked(rid, answered or model, results, usage)
 

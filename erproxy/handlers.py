@@ -250,6 +250,7 @@ class Handlers:
         label = model or "-"
         self.metrics.inputs.labels(label).inc(parsed.items)
         # the one place a request's upstream-processed prompt tokens are known (cached items count none)
+        req.tokens = tokens or 0  # usage accounting and token limits (usage.py, token_limits.py)
         if tokens:
             self.metrics.tokens.labels(label, "embedding").inc(tokens)
         return Response(200, answer)

@@ -181,6 +181,7 @@ class Identity:
     rate_limit: str | None = None
     models: tuple[str, ...] | None = None
     bucket: str = ""  # rate-limit bucket: from the key's hash, so equal names on other hosts never share one
+    token_limit: str | None = None  # prompt tokens per window, e.g. 100000/minute (token_limits.py)
 
 
 class KeyStore:
@@ -225,7 +226,8 @@ class KeyStore:
     def _use(self, records: list[KeyRecord], stamp: tuple[int, int, int] | None) -> None:
         self._by_hash = {r.hash: r for r in records}
         self._identities = {
-            r.hash: Identity(r.name, r.prefix, r.rate_limit, tuple(r.models) if r.models else None, r.hash[7:39])
+            r.hash: Identity(r.name, r.prefix, r.rate_limit, tuple(r.models) if r.models else None, r.hash[7:39],
+                              _text(r.extra.get("token_limit")))
             for r in records
         }
         self._stamp = stamp
@@ -277,6 +279,10 @@ class KeyStore:
         return self._identities[h]
 
 
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 # ---- key management (the `keys` command) -------------------------------------------------------
 def parse_duration(text: str) -> float:
     """'30d', '12h', '90m', '3600s' or a bare number of seconds -> seconds."""
@@ -304,7 +310,7 @@ def _find(records: list[KeyRecord], ref: str) -> KeyRecord:
 
 
 def create_key(path: Path, name: str, *, rate_limit: str | None = None, models: list[str] | None = None,
-               expires_in: float | None = None) -> tuple[str, KeyRecord]:
+               expires_in: float | None = None, token_limit: str | None = None) -> tuple[str, KeyRecord]:
     """Add a key under the file lock; returns (plaintext key, record). The plaintext is never stored."""
     with locked(path):
         records = read_records(path) if path.exists() else []
@@ -313,7 +319,8 @@ def create_key(path: Path, name: str, *, rate_limit: str | None = None, models: 
         key = generate_key()
         expires = iso_utc(time.time() + expires_in) if expires_in is not None else None
         record = KeyRecord(name=name, prefix=display_prefix(key), hash=hash_key(key), created=utc_now(),
-                           rate_limit=rate_limit, models=models, expires=expires)
+                           rate_limit=rate_limit, models=models, expires=expires,
+                           extra={"token_limit": token_limit} if token_limit else {})
         write_key_file(path, records + [record])
         return key, record
 

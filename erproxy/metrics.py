@@ -28,7 +28,8 @@ MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 # error code of an admission refusal -> its `reason` label
-REFUSALS = {"rate_limit_exceeded": "rate_limit", "concurrency_limit_exceeded": "concurrency"}
+REFUSALS = {"rate_limit_exceeded": "rate_limit", "concurrency_limit_exceeded": "concurrency",
+            "token_limit_exceeded": "token_limit"}
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 
 

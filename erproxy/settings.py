@@ -173,6 +173,7 @@ Size = Annotated[int, _reader(_size)]
 SizeOrOff = Annotated[int, _reader(_size_or_off)]
 Urls = Annotated[tuple[str, ...], _reader(_urls)]
 Rate = Annotated[str, _reader(_rate)]
+OptionalRate = Annotated[str | None, _reader(lambda raw, name: _rate(raw, name) if raw.strip() else None)]
 Seconds = Annotated[float, seconds()]
 Proxies = Annotated[tuple[str, ...], _reader(_networks)]
 
@@ -215,6 +216,9 @@ class Settings(BaseSettings):
         "", "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For names the client "
         "(for AUTH_FAILURE_LIMIT); unset = the connecting address is the client.")
     rate_limit: Rate = knob("100/minute", "Per-key rate limit (moving window).")
+    token_limit: OptionalRate = knob(
+        "", "Prompt tokens per key and window, e.g. 100000/minute, for keys without their own --token-limit "
+        "(unset: none); over it a key gets 429 token_limit_exceeded.")
     max_concurrent_requests: Annotated[int, integer(1)] = knob(
         "500", "Requests served at once; more get 429 concurrency_limit_exceeded.")
     body_timeout: Seconds = knob("30", "Seconds a client may take to send its request body; slower gets 408.")

@@ -1,0 +1,65 @@
+"""What the gateway calls for usage and token limits: one object, three calls.
+
+- `admit(who)` after the rate limit: a key with a token limit whose window is used up gets 429
+  `token_limit_exceeded` (token_limits.py); returns the request's ticket.
+- `record(req, model, status)` in the record step, after the answer was sent: the request's usage
+  (usage.py, batched in this process) and, for a token-limited key, the charge of its tokens.
+- `start()` / `close()` with the services: the background flush, the last flush at shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .asgi import Request
+from .keys import Identity
+from .metrics import Metrics
+from .settings import Settings
+from .token_limits import MemoryTokenLimiter, RedisTokenLimiter, Ticket, TokenGate, TokenLimits
+from .usage import Usage, make_store
+
+log = logging.getLogger("erproxy.usage")
+
+
+class Accounting:
+    def __init__(self, usage: Usage, gate: TokenGate) -> None:
+        self.usage = usage
+        self.gate = gate
+
+    async def start(self) -> None:
+        await self.usage.start()
+
+    async def close(self) -> None:
+        await self.gate.close()
+        await self.usage.close()
+
+    async def admit(self, who: Identity) -> Ticket | None:
+        return await self.gate.admit(who)
+
+    def record(self, req: Request, model: str, status: int) -> None:
+        """Never raises: recording must not touch the client's answer (already sent)."""
+        try:
+            if req.who is None:
+                return
+            self.usage.record_request(req, model, status)
+            ticket = getattr(req, "token_ticket", None)
+            if ticket is not None:
+                req.token_ticket = None
+                self.gate.settle(ticket, getattr(req, "tokens", 0) or 0)
+        except Exception:  # noqa: BLE001
+            self.usage.failures.inc()
+            log.exception("usage of a request could not be recorded")
+
+
+def make_accounting(settings: Settings, admission: Any, metrics: Metrics) -> Accounting:
+    """SQLite beside the key file, or Redis (the admission's client) when REDIS_URL is set."""
+    redis = getattr(admission, "redis", None) if settings.redis_url else None
+    usage = Usage(make_store(settings, redis), registry=metrics.registry)
+    limits = TokenLimits(settings.token_limit)
+    if redis is not None:
+        gate = TokenGate(limits, RedisTokenLimiter(redis), fallback=MemoryTokenLimiter(),
+                         fail_open=settings.redis_fail_open, on_failure=usage.failures.inc)
+    else:
+        gate = TokenGate(limits, MemoryTokenLimiter(), on_failure=usage.failures.inc)
+    return Accounting(usage, gate)
