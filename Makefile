@@ -14,7 +14,7 @@ GATEWAY_PORT ?= $(or $(PORT),2048)
 # pid=the PID in $(LOG_DIR)/gateway.pid if that process is alive and is the gateway, else empty.
 # A PID file outlives a crash or a reboot and its PID can be reused by an unrelated process: never
 # signal that one (the same guard as is_vllm_pid in scripts/common.sh, on /proc/PID/cmdline).
-GATEWAY_PID = pid=$$(tr -dc 0-9 < $(LOG_DIR)/gateway.pid 2>/dev/null); \
+GATEWAY_PID = pid=$$(tr -dc 0-9 2>/dev/null < $(LOG_DIR)/gateway.pid); \
 	if [ -z "$$pid" ] || ! kill -0 "$$pid" 2>/dev/null || \
 	   ! { tr '\0' ' ' < /proc/$$pid/cmdline 2>/dev/null || ps -o args= -p "$$pid" 2>/dev/null; } \
 	     | grep -q embedding_reranker_proxy; then pid=; fi
@@ -64,7 +64,7 @@ run: setup ## start the models and the gateway, print the key and a curl to try
 	@echo
 	@echo "Gateway: http://127.0.0.1:$(GATEWAY_PORT)  (logs: $(LOG_DIR)/embedding_reranker_proxy.log)"
 	@echo "Models:  $$(curl -s http://127.0.0.1:$(GATEWAY_PORT)/health | $(PY) -c 'import json,sys; d=json.load(sys.stdin); print(", ".join(sorted({m for k in d["upstreams"].values() for r in k["replicas"] for m in r["models"]})))')"
-	@if [ -f "$${API_KEYS_FILE:-er_api_keys.json}.new-key" ]; then echo "The first key is in $${API_KEYS_FILE:-er_api_keys.json}.new-key (no terminal to show it on): read it, save it, delete the file."; fi
+	@if [ -f "$${API_KEYS_FILE:-er_api_keys.json}.new-key" ]; then echo "The first key is in $${API_KEYS_FILE:-er_api_keys.json}.new-key (no terminal to show it on): KEY=\$$(cat $${API_KEYS_FILE:-er_api_keys.json}.new-key), save it, delete the file."; fi
 	@echo "Try it (KEY is the key shown above on first start, or one from: $(PY) embedding_reranker_proxy.py keys create --name NAME):"
 	@echo "  curl http://127.0.0.1:$(GATEWAY_PORT)/v1/embeddings -H \"Authorization: Bearer \$$KEY\" -H 'Content-Type: application/json' -d '{\"input\": \"hello world\"}'"
 	@echo "  curl http://127.0.0.1:$(GATEWAY_PORT)/v1/rerank -H \"Authorization: Bearer \$$KEY\" -H 'Content-Type: application/json' -d '{\"query\": \"What is AI?\", \"documents\": [\"AI is artificial intelligence\", \"Bananas are yellow\"]}'"

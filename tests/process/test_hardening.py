@@ -265,6 +265,8 @@ def test_first_start_without_a_terminal_writes_the_key_to_a_0600_file_not_to_std
         assert str(new_key_file) in out and "A new API key was created" in out
         assert stat.S_IMODE(new_key_file.stat().st_mode) == 0o600
         key = KEY_RE.search(new_key_file.read_text()).group()
+        assert new_key_file.read_text() == key + "\n"  # the key alone, so KEY=$(cat FILE) works
+        assert f"KEY=$(cat {new_key_file})" in out
         assert key not in (Path(env["LOG_DIR"]) / "embedding_reranker_proxy.log").read_text()
         assert key not in keys_file.read_text()
         r = httpx.get(proc.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
