@@ -2,24 +2,13 @@
 
 import re
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.deploy.common import EXPECTED_METRICS
+from tests.prometheus import Samples, samples_of, value
 
 
-async def scrape(gw, token=None) -> dict[tuple[str, tuple], float]:
+async def scrape(gw, token=None) -> Samples:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    r = await gw.get("/metrics", headers=headers)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for fam in text_string_to_metric_families(r.text):
-        for s in fam.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def value(samples, name, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    return samples_of(await gw.get("/metrics", headers=headers))
 
 
 async def traffic(gw):

@@ -9,21 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.fake_vllm import FIXTURES, FakeVLLM, load_fixtures
+from tests.fakes.fake_vllm import FIXTURES, FakeVLLM, load_fixtures, shape
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import record_vllm_fixtures as recorder  # noqa: E402
-
-
-def shape(x):
-    if isinstance(x, dict):
-        return {k: shape(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [shape(x[0])] if x else []
-    return type(x).__name__
 
 
 def error_text(doc) -> str:

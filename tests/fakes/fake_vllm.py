@@ -52,6 +52,16 @@ def load_fixtures(directory: Path = FIXTURES) -> dict[str, dict[str, Any]]:
     return docs
 
 
+def shape(doc: Any) -> Any:
+    """A JSON document's shape: the same keys, each value's type, a list's first item (what a recorded
+    answer and a generated or re-recorded one must share)."""
+    if isinstance(doc, dict):
+        return {k: shape(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [shape(doc[0])] if doc else []
+    return type(doc).__name__
+
+
 def vllm_json(doc: Any) -> bytes:
     """vLLM answers with Starlette's JSONResponse: compact separators, UTF-8, no ASCII escaping."""
     return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()

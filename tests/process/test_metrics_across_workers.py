@@ -3,24 +3,14 @@
 import re
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.procs import RedisServer
+from tests.prometheus import Samples, samples_of, value
 
 
-def scrape(gw, token=None) -> dict[tuple[str, tuple], float]:
+def scrape(gw, token=None) -> Samples:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    r = httpx.get(gw.url + "/metrics", headers=headers)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for fam in text_string_to_metric_families(r.text):
-        for s in fam.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def value(samples, name, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    return samples_of(httpx.get(gw.url + "/metrics", headers=headers))
 
 
 def test_metrics_add_up_across_workers(make_gateway, tmp_path):

@@ -6,17 +6,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fakes.fake_vllm import FIXTURES, FakeVLLM, RecordingsMissing, load_fixtures
+from tests.fakes.fake_vllm import FIXTURES, FakeVLLM, RecordingsMissing, load_fixtures, shape
 
 FIXTURE_DOCS = load_fixtures()
-
-
-def shape(x):
-    if isinstance(x, dict):
-        return {k: shape(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [shape(x[0])] if x else []
-    return type(x).__name__
 
 
 def role_for(name: str, fx: dict) -> str:
