@@ -1,0 +1,112 @@
+"""usage.py and token_limits.py without a gateway: batching, a failing store, SQLite with several writers,
+the token window's arithmetic."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from erproxy.token_limits import MemoryTokenLimiter, TokenGate, TokenLimits, parse_token_limit
+from erproxy.keys import Identity
+from erproxy.usage import SqliteUsageStore, Usage, by_key_and_model, parse_day
+
+
+class FailingStore:
+    def __init__(self) -> None:
+        self.fail = True
+        self.batches: list[dict] = []
+
+    async def add(self, batch):
+        if self.fail:
+            raise OSError("disk full")
+        self.batches.append(batch)
+
+    async def query(self, *a):
+        return []
+
+    async def close(self):
+        return None
+
+
+async def test_a_failing_store_costs_a_metric_and_keeps_the_counts():
+    registry = CollectorRegistry()
+    store = FailingStore()
+    usage = Usage(store, registry=registry)
+    usage.record("k", "m", 200, 3, 30, 1, ts=0)
+    usage.record("k", "m", 503, 1, 0, 0, ts=0)
+    assert await usage.flush() is False
+    assert registry.get_sample_value("erproxy_usage_record_failures_total") == 1
+    usage.record("k", "m", 404, 1, 0, 0, ts=0)
+    store.fail = False
+    assert await usage.flush() is True
+    assert store.batches == [{("k", "m", "1970-01-01"): [3, 5, 30, 1, 1, 1]}]
+    assert registry.get_sample_value("erproxy_key_tokens_total", {"key": "k", "model": "m"}) == 30
+
+
+def _writer(path: str, n: int) -> None:
+    store = SqliteUsageStore(path)
+    for _ in range(n):
+        store.add_sync({("k", "m", "2026-11-26"): [1, 2, 3, 0, 0, 0]})
+
+
+def test_sqlite_adds_from_several_processes(tmp_path: Path):
+    path = str(tmp_path / "er_usage.db")
+    SqliteUsageStore(path).add_sync({("k", "m", "2026-11-25"): [1, 1, 1, 1, 1, 1]})
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_writer, args=(path, 50)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    rows = SqliteUsageStore(path).query_sync("k")
+    assert [(r.day, r.requests, r.items, r.prompt_tokens) for r in rows] == [
+        ("2026-11-25", 1, 1, 1), ("2026-11-26", 200, 400, 600)]
+    assert SqliteUsageStore(path).query_sync("k", since="2026-11-26")[0].requests == 200
+    assert SqliteUsageStore(path).query_sync("other") == []
+    [total] = by_key_and_model(rows)
+    assert (total.requests, total.prompt_tokens, total.day) == (201, 601, "2026-11-26")
+
+
+def test_days_and_limits_are_checked():
+    assert parse_day("2026-11-26", "since") == "2026-11-26" and parse_day(None, "since") is None
+    for bad in ("26.11.2026", "2026-13-01", "2026-02-30", "today"):
+        with pytest.raises(ValueError, match="since"):
+            parse_day(bad, "since")
+    assert parse_token_limit("100000/minute").period == 60
+    assert parse_token_limit("5000000/day").amount == 5000000
+    for bad in ("lots", "0/minute", "1/minute;2/hour"):
+        with pytest.raises(ValueError):
+            parse_token_limit(bad)
+
+
+async def test_the_window_admits_while_budget_is_left_counting_requests_in_flight():
+    now = [1000.0]
+    limiter = MemoryTokenLimiter(clock=lambda: now[0])
+    gate = TokenGate(TokenLimits("100/minute"), limiter)
+    who = Identity("k", "er-k", bucket="b")
+    first = await gate.admit(who)
+    gate.settle(first, 30)                    # the window learns requests are ~30 tokens
+    # in flight at ~30 each: 30 + 0, 30 + 30, 30 + 60 are under 100, so three are admitted (the third
+    # overshoots by its own size); 30 + 90 >= 100 refuses the fourth until one is answered
+    tickets = [await gate.admit(who) for _ in range(3)]
+    with pytest.raises(Exception) as refused:
+        await gate.admit(who)
+    assert refused.value.code == "token_limit_exceeded" and (b"retry-after", b"1") in refused.value.headers
+    for t in tickets:
+        gate.settle(t, 30)                    # used 120: the window is used up
+    with pytest.raises(Exception) as used_up:
+        await gate.admit(who)
+    assert (b"retry-after", b"20") in used_up.value.headers  # until the next whole minute (1000 -> 1020)
+    now[0] = 1020.0
+    assert await gate.admit(who) is not None  # a new window
+    assert await TokenGate(TokenLimits(None), limiter).admit(who) is None  # no limit: nothing to track
+    own = Identity("k", "er-k", bucket="c", token_limit="10/hour")
+    gate.settle(await gate.admit(own), 10)
+    with pytest.raises(Exception):
+        await gate.admit(own)
+    await asyncio.sleep(0)
