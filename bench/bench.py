@@ -284,6 +284,7 @@ class Bench:
             "API_KEYS_FILE": str(self.workdir / f"keys-{secrets.token_hex(4)}.json"),
             "LOG_DIR": str(self.workdir / "gateway-logs"), "RATE_LIMIT": "100000000/minute",
             "MAX_CONCURRENT_REQUESTS": "1000", "LOG_LEVEL": "warning", "ACCESS_TOKEN": self.token,
+            "CACHE_MAX_BYTES": "0",  # the pass-through rows; gateway-cache-hit turns the item cache on
         })
         env.update(extra)
         return env
@@ -298,6 +299,11 @@ class Bench:
 
     def start_gateway1(self, t: Target) -> None:
         self._start_gateway(t, "gateway-1w", self.gateway_env(self.upstream_url, WORKERS="1"))
+
+    def start_gateway_cache(self, t: Target) -> None:
+        t.note = "item cache on: every request a hit after the first, no upstream call"
+        self._start_gateway(t, "gateway-cache-hit", self.gateway_env(self.upstream_url, WORKERS="1",
+                                                                      CACHE_MAX_BYTES="64MiB"))
 
     def start_gateway2(self, t: Target) -> None:
         rport = free_port()
@@ -663,6 +669,9 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", "## Targets", "", "| target | status | numbers |", "|---|---|---|"]
     for c in doc["targets"]:
         lines.append(f"| {c['target']} | **{c['status']}** | {_md_cell(c['detail'])} |")
+    if doc.get("split_rows"):
+        from split_bench import markdown_rows
+        lines += markdown_rows(doc["split_rows"])
     if doc.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     lines += ["", f"Command: `{doc['command']}`; took {doc['took_s']:.0f} s. Raw data: `{doc['json']}`; "
@@ -683,8 +692,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per row (default 10, --quick 3)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up load per target (default 2, --quick 1)")
     p.add_argument("--connections", default="1,32,256,500", help="comma-separated connection counts")
-    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w-redis,bare,nginx,litellm",
-                   help="comma-separated subset of: direct, gateway-1w, gateway-2w-redis, bare, nginx, litellm")
+    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w-redis,gateway-cache-hit,bare,nginx,litellm,split",
+                   help="comma-separated subset of: direct, gateway-1w, gateway-2w-redis, gateway-cache-hit, bare, "
+                        "nginx, litellm, split")
     p.add_argument("--vllm-url", help="base URL of a running vLLM embedding server for the end-to-end rows")
     p.add_argument("--vllm-connections", default="1,8", help="connection counts of the end-to-end rows")
     p.add_argument("--upstream-delay-ms", type=float, default=2.0)
@@ -735,15 +745,18 @@ def main(argv: list[str]) -> int:
         "direct": Target("direct", "direct (no proxy)", Bench.start_direct),
         "gateway-1w": Target("gateway-1w", "gateway, 1 worker", Bench.start_gateway1),
         "gateway-2w-redis": Target("gateway-2w-redis", "gateway, 2 workers + Redis", Bench.start_gateway2),
+        "gateway-cache-hit": Target("gateway-cache-hit", "gateway, 1 worker, cache hits", Bench.start_gateway_cache),
         "bare": Target("bare", "bare uvicorn+aiohttp pass-through", Bench.start_bare),
         "nginx": Target("nginx", "nginx (1 worker, keep-alive)", Bench.start_nginx),
         "litellm": Target("litellm", "LiteLLM proxy (1 worker)", Bench.start_litellm),
     }
+    split = "split" in names  # not a wrk target: bench/split_bench.py
+    names = [n for n in names if n != "split"]
     unknown = [n for n in names if n not in all_targets]
     if unknown:
         print(f"unknown target(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
-    if "direct" not in names:
+    if "direct" not in names and names:
         names.insert(0, "direct")
         bench.notes.append("direct rows added: the added latency is measured against them")
     machine = machine_info()
@@ -752,6 +765,10 @@ def main(argv: list[str]) -> int:
         bench.start_upstream()
         for n in names:
             bench.measure(all_targets[n], conns)
+        if split:
+            from split_bench import split_rows  # bench/ is the script's directory
+            bench.split_rows = split_rows(bench, args.duration, python=VENV_PY, bench_dir=BENCH, root=ROOT,
+                                          cpu=PROXY_CPU, http=http)
         if args.vllm_url:
             vconns = [int(c) for c in args.vllm_connections.split(",") if c.strip()]
             try:
@@ -778,6 +795,7 @@ def main(argv: list[str]) -> int:
         "command": " ".join(["bench/run.sh", *argv]),
         "args": {**vars(args), "out": _rel(out)}, "machine": machine, "rows": bench.rows,
         "targets": target_checks(bench.rows), "notes": bench.notes, "logs": _rel(workdir),
+        "split_rows": getattr(bench, "split_rows", []),
         "json": _rel(out / ("runs/" + stamp + ("-quick" if args.quick else "") + ".json")),
     }
     out.mkdir(parents=True, exist_ok=True)

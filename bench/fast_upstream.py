@@ -9,7 +9,11 @@ It answers, on keep-alive connections:
 The request body is read (Content-Length or chunked) and ignored, so the upstream costs the same for
 every proxy in front of it. Kept deliberately tiny so that nearly all of core 0 is left to the proxy.
 
-Run: python bench/fast_upstream.py --port N [--delay-ms 2] [--dim 1024] [--model bench-embed]
+With --per-item-ms X it stands in for a GPU whose time grows with the work (the splitting rows):
+  POST /v1/embeddings  one vector per input (float or base64 as asked), after delay + X ms per input;
+  POST /v1/rerank      a score for every document, after delay + X ms per document.
+
+Run: python bench/fast_upstream.py --port N [--delay-ms 2] [--dim 1024] [--model bench-embed] [--per-item-ms 0]
 """
 
 from __future__ import annotations
@@ -75,8 +79,32 @@ def response(status: str, body: bytes, content_type: bytes = b"application/json"
 
 
 class Server:
-    def __init__(self, model: str, dim: int, delay_s: float) -> None:
+    def __init__(self, model: str, dim: int, delay_s: float, per_item_s: float = 0.0) -> None:
         self.delay_s = delay_s
+        self.per_item_s = per_item_s
+        self.model = model
+        vec = json.loads(embeddings_body(model, dim))["data"][0]["embedding"]
+        self.vector_json = json.dumps(vec, separators=(",", ":"))
+        self.vector_b64 = '"' + __import__("base64").b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() + '"'
+
+    def per_item(self, path: str, body: bytes) -> tuple[float, bytes]:
+        """(delay, answer) of the per-item mode: one vector per input, a score per document."""
+        doc = json.loads(body)
+        if path == "/v1/rerank":
+            docs = doc.get("documents") or []
+            results = [{"index": i, "relevance_score": ((i * 2654435761) % 1000) / 1000.0} for i in range(len(docs))]
+            results.sort(key=lambda r: -r["relevance_score"])
+            out = json.dumps({"id": "score-bench", "model": self.model, "results": results,
+                              "usage": {"prompt_tokens": 4 * len(docs), "total_tokens": 4 * len(docs)}}).encode()
+            return self.delay_s + self.per_item_s * len(docs), response("200 OK", out)
+        inputs = doc.get("input")
+        n = 1 if isinstance(inputs, str) else len(inputs or [])
+        emb = self.vector_b64 if doc.get("encoding_format") == "base64" else self.vector_json
+        data = ",".join(f'{{"index":{i},"object":"embedding","embedding":{emb}}}' for i in range(n))
+        out = (f'{{"id":"embd-bench","object":"list","created":0,"model":"{self.model}","data":[{data}],'
+               f'"usage":{{"prompt_tokens":{4 * n},"total_tokens":{4 * n},"completion_tokens":0,'
+               f'"prompt_tokens_details":null}}}}').encode()
+        return self.delay_s + self.per_item_s * n, response("200 OK", out)
         self.embed = response("200 OK", embeddings_body(model, dim))
         self.models = response("200 OK", models_body(model))
         self.health = response("200 OK", b"", b"text/plain; charset=utf-8")
@@ -140,10 +168,14 @@ class HTTP(asyncio.Protocol):
                 if len(self.buf) < pos + length:
                     return
                 pos += length
+            body = self.buf[end + 4:pos]
             self.buf = self.buf[pos:]
             close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
             path = target.split("?", 1)[0]
-            if method == "POST" and path == "/v1/embeddings":
+            if method == "POST" and path in ("/v1/embeddings", "/v1/rerank") and self.srv.per_item_s > 0:
+                delay, answer = self.srv.per_item(path, body)
+                self.loop.call_later(delay, self._send, answer, close)
+            elif method == "POST" and path == "/v1/embeddings":
                 if self.srv.delay_s > 0:
                     self.loop.call_later(self.srv.delay_s, self._send, self.srv.embed, close)
                 else:
@@ -173,6 +205,8 @@ def main() -> None:
     p.add_argument("--delay-ms", type=float, default=2.0)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--model", default="bench-embed")
+    p.add_argument("--per-item-ms", type=float, default=0.0,
+                   help="answer one vector per input / a score per document, this much later per item")
     a = p.parse_args()
     try:
         import uvloop
@@ -181,7 +215,7 @@ def main() -> None:
         pass
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    srv = Server(a.model, a.dim, a.delay_ms / 1000.0)
+    srv = Server(a.model, a.dim, a.delay_ms / 1000.0, a.per_item_ms / 1000.0)
     server = loop.run_until_complete(
         loop.create_server(lambda: HTTP(srv, loop), a.host, a.port, backlog=4096, reuse_address=True))
     stop = loop.create_future()

