@@ -41,7 +41,8 @@ KEYED = [{name: []} for name in SECURITY_SCHEMES]  # any one of them
 EVERY_ROUTE = {500: "Internal gateway error; see the gateway log."}
 KEYED_ROUTE = {
     401: "Missing, unknown, revoked or expired key (`missing_api_key`, `invalid_api_key`).",
-    429: "Per-key `RATE_LIMIT` (`rate_limit_exceeded`), `MAX_CONCURRENT_REQUESTS` (`concurrency_limit_exceeded`) "
+    429: "Per-key `RATE_LIMIT` (`rate_limit_exceeded`), the key's `TOKEN_LIMIT` (`token_limit_exceeded`, POST routes), "
+         "`MAX_CONCURRENT_REQUESTS` (`concurrency_limit_exceeded`) "
          "or too many failed keys from one address: wait `Retry-After` seconds.",
     503: "No reachable vLLM replica for the model (`upstream_unavailable`), or the shared limits' Redis is "
          "unreachable (`limits_unavailable`).",
