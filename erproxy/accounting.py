@@ -59,7 +59,8 @@ def make_accounting(settings: Settings, admission: Any, metrics: Metrics) -> Acc
     limits = TokenLimits(settings.token_limit)
     if redis is not None:
         gate = TokenGate(limits, RedisTokenLimiter(redis), fallback=MemoryTokenLimiter(),
-                         fail_open=settings.redis_fail_open, on_failure=usage.failures.inc)
+                         fail_open=settings.redis_fail_open, on_failure=usage.failures.inc,
+                         is_up=lambda: getattr(admission, "_redis_ok", True))
     else:
         gate = TokenGate(limits, MemoryTokenLimiter(), on_failure=usage.failures.inc)
     return Accounting(usage, gate)

@@ -220,8 +220,10 @@ class TokenGate:
     """What the gateway calls: `admit` before the body is read, `settle` in the record step."""
 
     def __init__(self, limits: TokenLimits, limiter: Any, *, fallback: MemoryTokenLimiter | None = None,
-                 fail_open: bool = False, on_failure: Callable[[], None] | None = None) -> None:
+                 fail_open: bool = False, on_failure: Callable[[], None] | None = None,
+                 is_up: Callable[[], bool] | None = None) -> None:
         self.limits = limits
+        self.is_up = is_up or (lambda: True)  # False while the admission knows Redis is down: no waiting on it
         self.limiter = limiter
         self.fallback = fallback
         self.fail_open = fail_open
@@ -235,6 +237,8 @@ class TokenGate:
             return None
         bucket = _bucket(who)
         try:
+            if self.fallback is not None and not self.is_up():
+                raise ConnectionError("Redis is down")
             ticket, retry = await self.limiter.admit(bucket, limit)
         except Exception as e:  # noqa: BLE001 - Redis down
             if self.fallback is None:

@@ -91,3 +91,19 @@ def test_usage_in_redis_adds_across_workers_and_survives_a_restart(tmp_path, pro
     assert (doc["total"]["requests"], doc["total"]["items"], doc["total"]["prompt_tokens"]) == (40, 80, tokens)
     rows = keys_usage(again.env)
     assert sum(r["prompt_tokens"] for r in rows if r["key"] == "tester") == tokens
+
+
+def test_redis_down_fail_open_keeps_token_limits_per_process(tmp_path, procs, redis,  # noqa: F811
+                                                             fake_embed, fake_rerank):
+    gw = gateway(tmp_path, procs, fake_embed.url, fake_rerank.url, REDIS_URL=redis.url, REDIS_FAIL_OPEN="true",
+                 RATE_LIMIT="1000/minute", TOKEN_LIMIT="25/hour")
+    redis.stop()
+    codes, slowest = [], 0.0
+    for _ in range(5):
+        t0 = time.monotonic()
+        codes.append(httpx.post(gw.url + "/v1/embeddings", json=BODY, headers=gw.auth(), timeout=10).status_code)
+        slowest = max(slowest, time.monotonic() - t0)
+    assert codes[-2:] == [429, 429] and codes[0] == 200  # this process's own window (10-token requests)
+    assert codes.count(200) == 3
+    # usage waits in memory for Redis; the answers never wait for it (after the first noticed it down)
+    assert slowest < 3.5
