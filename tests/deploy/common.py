@@ -31,6 +31,7 @@ EXPECTED_METRICS: dict[str, frozenset[str]] = {
     "erproxy_inputs_total": frozenset({"model"}),
     "erproxy_documents_total": frozenset({"model"}),
     "erproxy_tokens_total": frozenset({"model", "kind"}),
+    "erproxy_key_tokens_total": frozenset({"key", "model"}),
 }
 REJECTION_REASONS = {"rate_limit", "concurrency"}
 
