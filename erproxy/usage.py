@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, Field
 
 from .asgi import Request, Response
-from .errors import bad_request
+from .errors import bad_request, unavailable
 from .routing import Route
 
 if TYPE_CHECKING:
@@ -428,7 +428,12 @@ class UsageRoute:
             raise bad_request(str(e), param="since" if "since" in str(e) else "until") from None
         model = (q.get("model") or [None])[-1] or None
         await self.usage.flush()  # the caller's last requests count too
-        rows = await self.usage.query(req.who.name, since, until, model)
+        try:
+            rows = await self.usage.query(req.who.name, since, until, model)
+        except Exception as e:  # noqa: BLE001 - Redis down, a damaged database
+            log.error("usage could not be read (%s: %s)", type(e).__name__, e)
+            raise unavailable("The usage counters cannot be read right now (their store is unreachable); "
+                              "retry shortly.", code="usage_unavailable", retry_after=1) from None
         return Response(200, orjson.dumps(report(req.who.name, rows, since, until)))
 
 

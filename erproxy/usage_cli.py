@@ -59,7 +59,11 @@ def table(rows: list[tuple[str, ...]]) -> str:
 def keys_usage(args: argparse.Namespace, settings: Settings, path: Path) -> None:
     since = parse_day(args.since, "--since")
     until = parse_day(args.until, "--until")
-    rows = by_key_and_model(read_usage(settings, args.name, since, until, args.model))
+    try:
+        rows = by_key_and_model(read_usage(settings, args.name, since, until, args.model))
+    except Exception as e:  # noqa: BLE001 - Redis unreachable, a damaged database: a message, no traceback
+        where = "Redis (REDIS_URL)" if settings.redis_url else "er_usage.db"
+        raise ValueError(f"cannot read the usage counters from {where}: {e}") from None
     if args.json:
         doc = {"since": since, "until": until,
                "data": [{k: v for k, v in r.items() if k != "day"} for r in as_json_rows(rows)]}

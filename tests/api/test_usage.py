@@ -211,3 +211,27 @@ async def test_keys_with_their_own_token_limit_and_without(make_gateway):
     codes = [(await gw.post("/v1/embeddings", json={"input": "one two three four five six seven eight"},
                             headers=gw.auth())).status_code for _ in range(3)]
     assert codes == [200, 200, 429]  # 10 < 12 admits the second; 20 >= 12 refuses the third
+
+
+class BrokenStore:
+    async def add(self, batch):
+        raise OSError("disk I/O error")
+
+    async def query(self, *args):
+        raise OSError("disk I/O error")
+
+    async def close(self):
+        return None
+
+
+async def test_a_broken_store_never_fails_an_answer(make_gateway):
+    gw = await make_gateway(RATE_LIMIT="100000/minute")
+    usage = gw.app.services.accounting.usage
+    usage.store = BrokenStore()
+    for _ in range(3):
+        assert (await gw.post("/v1/embeddings", json={"input": "still served"}, headers=gw.auth())).status_code == 200
+    r = await gw.get("/v1/usage", headers=gw.auth())
+    assert r.status_code == 503 and r.json()["error"]["code"] == "usage_unavailable"
+    metrics = (await gw.get("/metrics")).text
+    assert "erproxy_usage_record_failures_total 1.0" in metrics
+    assert sum(v[0] for v in usage.pending.values()) == 4  # 3 POSTs and the 503: kept for when the store works
