@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import math
 import os
@@ -85,7 +86,12 @@ class Server:
         self.model = model
         vec = json.loads(embeddings_body(model, dim))["data"][0]["embedding"]
         self.vector_json = json.dumps(vec, separators=(",", ":"))
-        self.vector_b64 = '"' + __import__("base64").b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() + '"'
+        self.vector_b64 = '"' + base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() + '"'
+        self.embed = response("200 OK", embeddings_body(model, dim))
+        self.models = response("200 OK", models_body(model))
+        self.health = response("200 OK", b"", b"text/plain; charset=utf-8")
+        self.not_found = response("404 Not Found", b'{"detail":"Not Found"}')
+        self.bad = response("400 Bad Request", b'{"detail":"Bad Request"}')
 
     def per_item(self, path: str, body: bytes) -> tuple[float, bytes]:
         """(delay, answer) of the per-item mode: one vector per input, a score per document."""
@@ -105,11 +111,6 @@ class Server:
                f'"usage":{{"prompt_tokens":{4 * n},"total_tokens":{4 * n},"completion_tokens":0,'
                f'"prompt_tokens_details":null}}}}').encode()
         return self.delay_s + self.per_item_s * n, response("200 OK", out)
-        self.embed = response("200 OK", embeddings_body(model, dim))
-        self.models = response("200 OK", models_body(model))
-        self.health = response("200 OK", b"", b"text/plain; charset=utf-8")
-        self.not_found = response("404 Not Found", b'{"detail":"Not Found"}')
-        self.bad = response("400 Bad Request", b'{"detail":"Bad Request"}')
 
 
 class HTTP(asyncio.Protocol):

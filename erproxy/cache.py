@@ -56,10 +56,6 @@ def _fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k not in UNKEYED_FIELDS}
 
 
-def _digest(parts: list[Any]) -> str:
-    return hashlib.blake2b(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS), digest_size=20).hexdigest()
-
-
 def embedding_keys(model: str | None, root: str | None, texts: Iterable[str], fields: dict[str, Any]) -> list[str]:
     """One key per text: model, root, the text as sent upstream, and the fields that change a vector."""
     prefix = orjson.dumps(["e", model, root, _fields(fields)], option=orjson.OPT_SORT_KEYS)

@@ -392,7 +392,7 @@ class Dialects:
         mode = self.h.items.plan(req, "embedding", model, len(texts))
         if mode is not None:  # the item path: cache, splitting, merged answer (split.py)
             got = await self.h.items.embed(req, mode, model, doc["input"], fields)
-            rid, vectors, tokens = got.id, [to_floats(v) for v in got.vectors], got.prompt_tokens
+            rid, vectors, tokens = got.id, [to_floats(v) for v in got.vectors if v is not None], got.prompt_tokens
         else:
             body = {"input": doc["input"], "encoding_format": "float", **fields}
             if model is not None:

@@ -44,17 +44,34 @@ if TYPE_CHECKING:
 
 _LITTLE = sys.byteorder == "little"
 _SCORE = "<d"
-# orjson writes tiny and huge doubles differently from Python's repr (0.00001 vs 1e-05, 1e16 vs 1e+16)
-_NOT_REPR = re.compile(rb"-?0\.0000\d+|-?\d+(?:\.\d+)?e[-+]?\d+")
-
-
-def _repr_number(m: re.Match[bytes]) -> bytes:
-    return repr(float(m.group())).encode()
+# orjson writes tiny and huge doubles differently from Python's repr (0.00001 vs 1e-05, 1e16 vs 1e+16):
+# such numbers (a few per vector) are found with bytes.find and printed again with repr
+_NOT_REPR = (b"e", b"0.0000")
 
 
 def floats_json(raw: bytes) -> bytes:
-    """A JSON array of the float32 values in `raw`, each printed as vLLM prints it."""
-    return _NOT_REPR.sub(_repr_number, orjson.dumps(to_floats(raw)))
+    """A JSON array of the float32 values in `raw`, each printed as vLLM prints it (json.dumps: repr)."""
+    out = orjson.dumps(to_floats(raw))
+    spans: dict[int, int] = {}
+    for needle in _NOT_REPR:
+        at = out.find(needle)
+        while at >= 0:
+            start = out.rfind(b",", 0, at) + 1 or 1
+            end = out.find(b",", at)
+            if end < 0:
+                end = len(out) - 1
+            spans[start] = end
+            at = out.find(needle, end)
+    if not spans:
+        return out
+    pieces: list[bytes] = []
+    last = 0
+    for start in sorted(spans):
+        end = spans[start]
+        pieces += [out[last:start], repr(float(out[start:end])).encode()]
+        last = end
+    pieces.append(out[last:])
+    return b"".join(pieces)
 
 
 def to_floats(raw: bytes) -> list[float]:
@@ -74,11 +91,49 @@ def from_floats(values: list[float]) -> bytes:
 
 @dataclass
 class Embedded:
-    vectors: list[bytes]  # float32 little-endian, in input order
+    vectors: list[bytes | None]  # float32 little-endian, in input order (None: only its text is known)
     prompt_tokens: int | None  # what the upstream processed (None: it did not say)
     id: str
     created: int
     model: str | None
+    texts: list[bytes | None] | None = None  # a vector's JSON as vLLM printed it (float answers, misses)
+
+
+_HEAD = re.compile(rb'"id":"([^"]*)".*?"created":(\d+).*?"model":"((?:[^"\\]|\\.)*)"', re.S)
+_TOKENS = re.compile(rb'"prompt_tokens":(\d+)')
+
+
+def float_texts(body: bytes, n: int) -> tuple[list[bytes], int | None, str | None, int | None, str | None] | None:
+    """vLLM's float answer for `n` inputs cut into each vector's JSON text, without parsing the numbers:
+    (texts by index, prompt_tokens, id, created, model); None when it is not shaped as expected
+    (the caller parses it then)."""
+    texts: list[bytes | None] = [None] * n
+    pos = body.find(b'"data":[')
+    if pos < 0:
+        return None
+    for _ in range(n):
+        k = body.find(b'"index":', pos)
+        i = body.find(b'"embedding":[', pos)
+        if k < 0 or i < 0 or k > i:
+            return None
+        m = end = k + 8
+        while body[end:end + 1].isdigit():
+            end += 1
+        j = body.find(b"]", i)
+        if j < 0 or end == m:
+            return None
+        index = int(body[m:end])
+        if not 0 <= index < n or texts[index] is not None:
+            return None
+        texts[index] = body[i + 12:j + 1]
+        pos = j + 1
+    if body.find(b'"embedding":', pos) >= 0:
+        return None
+    head = _HEAD.search(body, 0, 400)
+    used = _TOKENS.search(body, pos)
+    return ([t for t in texts if t is not None], int(used.group(1)) if used else None,
+            head.group(1).decode() if head else None, int(head.group(2)) if head else None,
+            orjson.loads(b'"' + head.group(3) + b'"') if head else None)
 
 
 @dataclass
@@ -169,21 +224,27 @@ class Items:
         return resps
 
     # ---- embeddings --------------------------------------------------------------------------------
-    async def embed(self, req: Request, mode: str, model: str | None, texts: list[str], fields: dict[str, Any]
-                    ) -> Embedded:
-        """`texts` as they go upstream (instruction applied); `fields` the other upstream fields."""
+    async def embed(self, req: Request, mode: str, model: str | None, texts: list[str], fields: dict[str, Any],
+                    float_text: bool = False) -> Embedded:
+        """`texts` as they go upstream (instruction applied); `fields` the other upstream fields.
+
+        `float_text`: the client wants float JSON, so the misses are asked of vLLM as float and their
+        text is passed on as vLLM printed it (no float parsing or printing unless the cache needs bytes).
+        """
         info = self.upstreams.model_info(model)
         keys = embedding_keys(model, info.root if info else None, texts, fields) if mode != BYPASS else None
         found = await self._lookup(req, "embedding", mode, keys, len(texts))
         missing = [i for i, v in enumerate(found) if v is None]
         tokens: int | None = 0
         rid, created, answered_model = None, None, None
+        printed: list[bytes | None] | None = [None] * len(texts) if float_text else None
         if missing:
             healthy = self.healthy("embedding", model) if len(missing) > self.split_limits["embedding"] else 1
             parts = chunks(missing, self.split_limits["embedding"], healthy)
+            upstream_format = "float" if float_text else "base64"
 
             def body_of(part: list[int]) -> bytes:
-                body = {**fields, "input": [texts[i] for i in part], "encoding_format": "base64"}
+                body = {**fields, "input": [texts[i] for i in part], "encoding_format": upstream_format}
                 if model is not None:
                     body["model"] = model
                 return orjson.dumps(body)
@@ -191,6 +252,19 @@ class Items:
             resps = await self._post_chunks(req, "embedding", model, "/v1/embeddings", parts, body_of)
             fresh: list[tuple[str, bytes]] = []
             for part, resp in zip(parts, resps):
+                cut = float_texts(resp.body, len(part)) if printed is not None else None
+                if cut is not None and printed is not None:
+                    vtexts, used, chunk_id, chunk_created, chunk_model = cut
+                    for pos, vtext in enumerate(vtexts):
+                        printed[part[pos]] = vtext
+                        if keys is not None:
+                            raw = from_floats(orjson.loads(vtext))
+                            found[part[pos]] = raw
+                            fresh.append((keys[part[pos]], raw))
+                    tokens = tokens + used if isinstance(used, int) and tokens is not None else None
+                    rid, created = rid or chunk_id, created or chunk_created
+                    answered_model = answered_model or chunk_model
+                    continue
                 try:
                     doc = orjson.loads(resp.body)
                     data = doc["data"]
@@ -213,12 +287,12 @@ class Items:
                 rid = rid or doc.get("id")
                 created = created or doc.get("created")
                 answered_model = answered_model or doc.get("model")
-            if any(v is None for v in found):
+            if any(v is None and (printed is None or printed[i] is None) for i, v in enumerate(found)):
                 raise bad_gateway("The embedding upstream answered fewer vectors than inputs.")
             if keys is not None and fresh:
                 await self.cache.put_many(fresh)
-        return Embedded([v for v in found if v is not None], tokens, rid or _rand_id("embd"),
-                        created if isinstance(created, int) else int(time.time()), answered_model or model)
+        return Embedded(found, tokens, rid or _rand_id("embd"),
+                        created if isinstance(created, int) else int(time.time()), answered_model or model, printed)
 
     # ---- rerank ------------------------------------------------------------------------------------
     async def rerank(self, req: Request, mode: str, model: str | None, rr: RerankRequest) -> Scored:
@@ -287,11 +361,15 @@ def embeddings_answer(e: Embedded, encoding_format: str | None, model: str | Non
     b64 = encoding_format == "base64"
     parts = [b'{"id":', orjson.dumps(e.id), b',"object":"list","created":', str(e.created).encode(),
              b',"model":', orjson.dumps(e.model or model), b',"data":[']
+    printed = e.texts
     for i, raw in enumerate(e.vectors):
         if i:
             parts.append(b",")
-        parts += [b'{"index":', str(i).encode(), b',"object":"embedding","embedding":',
-                  b'"' + base64.b64encode(raw) + b'"' if b64 else floats_json(raw), b"}"]
+        text = printed[i] if printed is not None else None
+        if text is None:
+            assert raw is not None
+            text = b'"' + base64.b64encode(raw) + b'"' if b64 else floats_json(raw)
+        parts += [b'{"index":', str(i).encode(), b',"object":"embedding","embedding":', text, b"}"]
     tokens = e.prompt_tokens
     usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
              "prompt_tokens_details": None}

@@ -88,3 +88,20 @@ def test_auto_truncate_unless_the_request_decides():
     auto_truncate(f, True, refused=True)
     auto_truncate(f, False)
     assert f == {}
+
+
+def test_float_texts_cuts_vllms_answer_without_parsing_numbers():
+    from erproxy.split import float_texts
+    from tests.fakes.fake_vllm import vllm_json
+
+    vectors = [[0.5, -1e-05], [0.25, 3e-07], [1.0, 0.0]]
+    doc = {"id": "embd-1", "object": "list", "created": 7, "model": "m\"x", "data": [
+        {"index": i, "object": "embedding", "embedding": v} for i, v in [(2, vectors[2]), (0, vectors[0]),
+                                                                         (1, vectors[1])]],
+           "usage": {"prompt_tokens": 12, "total_tokens": 12, "completion_tokens": 0}}
+    texts, tokens, rid, created, model = float_texts(vllm_json(doc), 3)
+    assert texts == [json.dumps(v, separators=(",", ":")).encode() for v in vectors]
+    assert (tokens, rid, created, model) == (12, "embd-1", 7, 'm"x')
+    assert float_texts(vllm_json(doc), 2) is None  # more vectors than inputs
+    assert float_texts(vllm_json({**doc, "data": doc["data"][:2]}), 3) is None
+    assert float_texts(b'{"object":"list","data":[{"embedding":[1.0],"index":0}]}', 1) is None  # other order
