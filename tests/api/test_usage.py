@@ -8,7 +8,6 @@ import sqlite3
 from pathlib import Path
 
 import httpx
-import pytest
 
 from erproxy.app import create_app
 from erproxy.settings import Settings
@@ -78,7 +77,6 @@ async def test_counters_equal_the_sum_of_the_upstream_usage(make_gateway):
     assert per_key == want["prompt_tokens"]
 
 
-@pytest.mark.skipif("split_embedding_inputs" not in Settings.model_fields, reason="request splitting not in this tree")
 async def test_split_and_partly_cached_requests_count_what_the_upstream_processed(make_gateway, fakes, fake_embed):
     second = await fakes.start("embed")
     gw = await make_gateway(embed=f"{fake_embed.url},{second.url}", RATE_LIMIT="100000/minute", CACHE_MAX_BYTES="64MiB",
