@@ -202,8 +202,8 @@ class TreeSampler:
 # ---- load generator ------------------------------------------------------------------------------
 
 def run_wrk(url: str, conns: int, duration: float, timeout_s: float, auth: str = "", body: str = BODY,
-            path: str = "/v1/embeddings") -> dict[str, Any]:
-    env = {**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth, "BENCH_PATH": path}
+            path: str = "/v1/embeddings", header: str = "") -> dict[str, Any]:
+    env = {**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth, "BENCH_PATH": path, "BENCH_HEADER": header}
     cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s",
            f"--timeout", f"{timeout_s:g}s", "-s", str(BENCH / "post.lua"), url]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -242,6 +242,7 @@ class Target:
     extra: list[Proc] = field(default_factory=list)
     note: str = ""
     connections: list[int] | None = None
+    header: str = ""  # one extra request header, "Name: value"
 
 
 def post_ok(url: str, auth: str, body: str = BODY, timeout: float = 10.0) -> bool:
@@ -304,6 +305,12 @@ class Bench:
         t.note = "item cache on: every request a hit after the first, no upstream call"
         self._start_gateway(t, "gateway-cache-hit", self.gateway_env(self.upstream_url, WORKERS="1",
                                                                       CACHE_MAX_BYTES="64MiB"))
+
+    def start_gateway_miss(self, t: Target) -> None:
+        t.note = "item cache on, every request Cache-Control: no-cache: the miss path (upstream, cut, parse, cache write)"
+        t.header = "Cache-Control: no-cache"
+        self._start_gateway(t, "gateway-cache-miss", self.gateway_env(self.upstream_url, WORKERS="1",
+                                                                       CACHE_MAX_BYTES="64MiB"))
 
     def start_gateway2(self, t: Target) -> None:
         rport = free_port()
@@ -418,7 +425,7 @@ class Bench:
             start_s = round(time.monotonic() - t0, 1)
             warmup = max(self.args.warmup, 3.0) if t.name == "litellm" and self.args.warmup > 0 else self.args.warmup
             if warmup > 0:
-                run_wrk(t.url, min(32, max(conns)), warmup, self.args.wrk_timeout, t.auth, t.body)
+                run_wrk(t.url, min(32, max(conns)), warmup, self.args.wrk_timeout, t.auth, t.body, header=t.header)
         except Exception as e:  # record, don't crash: the other rows still run
             log(f"{t.label} failed to start: {e}")
             for c in conns:
@@ -430,7 +437,8 @@ class Bench:
                 measured = t.proc.pid if t.proc else None
                 c0 = cpu_ticks(PROXY_CPU)
                 with TreeSampler(measured) as rs, TreeSampler(self.upstream.pid if self.upstream else None) as us:
-                    r = run_wrk(t.url, c, self.args.duration, self.args.wrk_timeout, t.auth, t.body)
+                    r = run_wrk(t.url, c, self.args.duration, self.args.wrk_timeout, t.auth, t.body,
+                                header=t.header)
                 c1 = cpu_ticks(PROXY_CPU)
                 row = self.row(t, c, wrk=r, start_s=start_s)
                 if c0 and c1 and c1[1] > c0[1]:
@@ -692,8 +700,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per row (default 10, --quick 3)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up load per target (default 2, --quick 1)")
     p.add_argument("--connections", default="1,32,256,500", help="comma-separated connection counts")
-    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w-redis,gateway-cache-hit,bare,nginx,litellm,split",
-                   help="comma-separated subset of: direct, gateway-1w, gateway-2w-redis, gateway-cache-hit, bare, "
+    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w-redis,gateway-cache-hit,gateway-cache-miss,bare,nginx,litellm,split",
+                   help="comma-separated subset of: direct, gateway-1w, gateway-2w-redis, gateway-cache-hit, gateway-cache-miss, bare, "
                         "nginx, litellm, split")
     p.add_argument("--vllm-url", help="base URL of a running vLLM embedding server for the end-to-end rows")
     p.add_argument("--vllm-connections", default="1,8", help="connection counts of the end-to-end rows")
@@ -746,6 +754,8 @@ def main(argv: list[str]) -> int:
         "gateway-1w": Target("gateway-1w", "gateway, 1 worker", Bench.start_gateway1),
         "gateway-2w-redis": Target("gateway-2w-redis", "gateway, 2 workers + Redis", Bench.start_gateway2),
         "gateway-cache-hit": Target("gateway-cache-hit", "gateway, 1 worker, cache hits", Bench.start_gateway_cache),
+        "gateway-cache-miss": Target("gateway-cache-miss", "gateway, 1 worker, cache misses",
+                                     Bench.start_gateway_miss),
         "bare": Target("bare", "bare uvicorn+aiohttp pass-through", Bench.start_bare),
         "nginx": Target("nginx", "nginx (1 worker, keep-alive)", Bench.start_nginx),
         "litellm": Target("litellm", "LiteLLM proxy (1 worker)", Bench.start_litellm),

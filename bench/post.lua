@@ -1,11 +1,17 @@
 -- wrk script: POST one embeddings request per call; at the end print the results as one JSON line
 -- ("BENCH_JSON {...}"): counts, socket errors, latency percentiles (ms), status codes, and the
 -- first non-2xx answer (cut short) to tell what went wrong.
--- Environment: BENCH_PATH (default /v1/embeddings), BENCH_BODY (JSON body), BENCH_AUTH (bearer key).
+-- Environment: BENCH_PATH (default /v1/embeddings), BENCH_BODY (JSON body), BENCH_AUTH (bearer key),
+-- BENCH_HEADER (one more header, "Name: value").
 wrk.method = "POST"
 wrk.path = os.getenv("BENCH_PATH") or "/v1/embeddings"
 wrk.body = os.getenv("BENCH_BODY") or '{"model": "bench-embed", "input": "hello world"}'
 wrk.headers["Content-Type"] = "application/json"
+local header = os.getenv("BENCH_HEADER")  -- one extra header, "Name: value"
+if header and header ~= "" then
+  local name, value = string.match(header, "^([^:]+):%s*(.*)$")
+  wrk.headers[name] = value
+end
 local auth = os.getenv("BENCH_AUTH")
 if auth and auth ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. auth
