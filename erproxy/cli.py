@@ -18,7 +18,7 @@ from .keys import (
     revoke_key,
     rotate_key,
 )
-from . import usage_cli
+from . import private_redis, usage_cli
 from .audit import audit
 from .logs import setup_logging
 from .settings import Settings, SettingsError, not_applicable_line, validate_rate_limit
@@ -110,6 +110,9 @@ def prepare_multiprocess_metrics(settings: Settings) -> None:
 def serve(settings: Settings) -> int:
     log_path = setup_logging(settings)
     keys_path = Path(settings.api_keys_file)
+    if private_redis.needed(settings) and not private_redis.binary():  # refuse before making a key file
+        log.error("cannot start: %s", private_redis.missing_binary_message(settings))
+        return 2
     try:
         new_key = ensure_key_file(keys_path)
         records = read_records(keys_path)
@@ -121,22 +124,40 @@ def serve(settings: Settings) -> int:
             deliver_new_key(new_key, settings)
         except (OSError, KeyFileError) as e:
             log.error("the new key could not be handed over (%s); make another with `keys create`", e)
-    log_start(settings, keys_path, sum(1 for r in records if not r.revoked), log_path)
-    run_server(settings)
+    private = None
+    if private_redis.needed(settings):
+        try:
+            private = private_redis.start_for(settings)
+        except private_redis.PrivateRedisError as e:
+            log.error("cannot start: %s", e)
+            return 2
+        # the workers read their settings from the environment (app_from_env)
+        os.environ["REDIS_URL"] = private.url
+        settings = settings.model_copy(update={"redis_url": private.url})
+    try:
+        log_start(settings, keys_path, sum(1 for r in records if not r.revoked), log_path,
+                  private_dir=private.directory if private else None)
+        run_server(settings)
+    finally:
+        if private is not None:  # after the workers have drained and flushed their usage counters
+            private.stop()
     return 0
 
 
-def log_start(settings: Settings, keys_path: Path, active_keys: int, log_path: Path) -> None:
+def log_start(settings: Settings, keys_path: Path, active_keys: int, log_path: Path,
+              private_dir: Path | None = None) -> None:
     """What the operator needs to see at start, including variables set for another server."""
-    log.info("embedding-reranker gateway starting on %s://%s:%d (workers=%d)",
-             "https" if settings.ssl_certfile else "http", settings.host, settings.port, settings.workers)
+    log.info("embedding-reranker gateway starting on %s://%s:%d (workers=%d%s)",
+             "https" if settings.ssl_certfile else "http", settings.host, settings.port, settings.workers,
+             ", auto: one per CPU core" if settings.workers_auto else "")
     log.info("upstreams: embedding=%s reranker=%s", ",".join(settings.embedding_upstreams),
              ",".join(settings.reranker_upstreams))
     log.info("keys: %s (%d active)%s; rate limit %s per key; max %d concurrent requests; timeout %gs; "
              "max body %d bytes; limits state: %s", keys_path, active_keys,
              " + ACCESS_TOKEN" if settings.access_token else "", settings.rate_limit,
              settings.max_concurrent_requests, settings.timeout, settings.max_body_bytes,
-             "redis" if settings.redis_url else "in-process")
+             (f"private redis-server ({private_dir})" if private_dir else "redis") if settings.redis_url
+             else "in-process")
     log.info("log file: %s", log_path)
     ignored = not_applicable_line(settings)
     if ignored:
@@ -175,6 +196,27 @@ def share_revocation(settings: Settings, key_hash: str) -> None:
     except Exception as e:  # noqa: BLE001
         print(f"warning: the key file is updated, but Redis could not be told ({e}); instances on other "
               "hosts keep accepting the old key until their key file is updated too", file=sys.stderr)
+
+
+def keys_with_private_redis(args: argparse.Namespace, settings: Settings) -> int:
+    """With a private Redis (WORKERS>1, no REDIS_URL) usage and revocations live in it: the running
+    gateway's when it runs, else one started for the command from the same data."""
+    if not private_redis.needed(settings) or args.keys_command not in ("list", "revoke", "rotate", "usage"):
+        return keys_command(args, settings)
+    url = private_redis.running_url(settings)
+    if url:
+        return keys_command(args, settings.model_copy(update={"redis_url": url}))
+    if not private_redis.data_dir(settings).is_dir():  # no gateway ever ran with it: nothing stored there
+        return keys_command(args, settings)
+    try:
+        private = private_redis.start_for(settings)
+    except private_redis.PrivateRedisError as e:
+        print(f"error: the private Redis holding usage and revocations cannot be read: {e}", file=sys.stderr)
+        return 1
+    try:
+        return keys_command(args, settings.model_copy(update={"redis_url": private.url}))
+    finally:
+        private.stop()
 
 
 def keys_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -281,6 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in (None, "serve"):
         return serve(settings)
     if args.command == "keys":
-        return keys_command(args, settings)
+        return keys_with_private_redis(args, settings)
     parser.print_help()
     return 2

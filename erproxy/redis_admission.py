@@ -99,7 +99,7 @@ class RedisAdmission:
             health_check_interval=10, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
         )
         self.redis = aioredis.Redis(connection_pool=pool)
-        self._storage = RedisStorage(url, implementation="redispy", wrap_exceptions=True,
+        self._storage = RedisStorage(limits_storage_uri(url), implementation="redispy", wrap_exceptions=True,
                                      connection_pool=self.redis.connection_pool)
         self._limiter = MovingWindowRateLimiter(self._storage)
         self._acquire = self.redis.register_script(ACQUIRE)
@@ -220,6 +220,11 @@ class RedisAdmission:
             except REDIS_ERRORS as e:
                 self._note_down(e)
             await asyncio.sleep(REVOKED_POLL_S)
+
+
+def limits_storage_uri(url: str) -> str:
+    """REDIS_URL as the `limits` library names it: a bare unix:// would pick its valkey client."""
+    return "redis+" + url if url.startswith("unix://") else url
 
 
 def _safe_url(url: str) -> str:

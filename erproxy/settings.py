@@ -51,6 +51,10 @@ def _as_text(raw: Any) -> str:
 
 
 def integer(lo: int, hi: int | None = None) -> BeforeValidator:
+    return _reader(_integer_parser(lo, hi))
+
+
+def _integer_parser(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
     def parse(raw: str, name: str) -> int:
         try:
             value = int(raw.strip())
@@ -60,7 +64,24 @@ def integer(lo: int, hi: int | None = None) -> BeforeValidator:
             bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
             raise SettingsError(f"{name} must be {bound}, got {value}")
         return value
-    return _reader(parse)
+    return parse
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on (its affinity where the OS has one): WORKERS=auto."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _workers(raw: str, name: str) -> int:
+    """A number of worker processes, or `auto`: one per CPU core."""
+    if raw.strip().lower() == "auto":
+        return min(cpu_count(), 1024)
+    if not raw.strip().isdigit():
+        raise SettingsError(f"{name} must be a number of processes or auto (one per CPU core), got {raw!r}")
+    return _integer_parser(1, 1024)(raw, name)
 
 
 def seconds(lo: float = 0, hi: float = 7 * 86400.0) -> BeforeValidator:
@@ -190,7 +211,10 @@ class Settings(BaseSettings):
 
     host: Text = knob("0.0.0.0", "Address the gateway listens on.")
     port: Annotated[int, integer(1, 65535)] = knob("2048", "Port the gateway listens on.")
-    workers: Annotated[int, integer(1, 1024)] = knob("1", "Worker processes sharing the port.")
+    workers: Annotated[int, _reader(_workers)] = knob(
+        "1", "Worker processes sharing the port (`auto`: one per CPU core). More than 1 shares limits, revocations, "
+        "cache and usage through REDIS_URL or, unset, a private redis-server the gateway starts and stops itself "
+        "(socket and data in `.redis/` beside API_KEYS_FILE).")
     timeout: Seconds = knob("600", "Seconds an upstream request may take before the client gets 504.")
     keep_alive: Seconds = knob(
         "75", "Seconds an idle client connection is kept open (idle upstream connections: at most 4 s, under vLLM's 5 s).")
@@ -252,6 +276,7 @@ class Settings(BaseSettings):
     shutdown_grace: Seconds = knob("30", "Seconds SIGTERM waits for in-flight requests before closing connections.")
 
     _not_applicable: tuple[str, ...] = PrivateAttr(default=())
+    _workers_auto: bool = PrivateAttr(default=False)
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -282,7 +307,13 @@ class Settings(BaseSettings):
         merged = {**file_values, **env}
         settings = cls(**{name: merged[name.upper()] for name in cls.model_fields if name.upper() in merged})
         settings._not_applicable = tuple(name for name in NOT_APPLICABLE if name in merged)
+        settings._workers_auto = str(merged.get("WORKERS", "")).strip().lower() == "auto"
         return settings
+
+    @property
+    def workers_auto(self) -> bool:
+        """WORKERS=auto: `workers` is this host's CPU count."""
+        return self._workers_auto
 
     @property
     def not_applicable(self) -> tuple[str, ...]:
@@ -303,13 +334,6 @@ class Settings(BaseSettings):
         for name, path in (("SSL_CERTFILE", self.ssl_certfile), ("SSL_KEYFILE", self.ssl_keyfile)):
             if path and not Path(path).is_file():
                 raise SettingsError(f"{name} points to {path!r}, which is not a readable file.")
-        if self.workers > 1 and not self.redis_url:
-            raise SettingsError(
-                f"WORKERS={self.workers} needs REDIS_URL: without a shared Redis the limits would be per process "
-                "(each worker keeping its own rate limits and concurrency count), so clients would get up to "
-                "WORKERS times the configured limits. "
-                "Set REDIS_URL=redis://host:6379/0 or use WORKERS=1."
-            )
         return self
 
 

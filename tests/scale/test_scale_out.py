@@ -78,13 +78,6 @@ def serving_pids(gw: Gateway) -> set[str]:
     return set(re.findall(r"\[(\d+)\] erproxy\.access .*POST /v1/embeddings", text))
 
 
-def test_several_workers_without_redis_refuse_to_start(tmp_path, fake_embed, fake_rerank):
-    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, WORKERS="4")
-    proc = start_gateway(tmp_path, env, wait=False)
-    assert proc.popen.wait(30) == 2
-    assert "REDIS_URL" in proc.output() and "per process" in proc.output()
-
-
 def test_rate_limit_exact_across_four_workers(tmp_path, procs, redis, fake_embed, fake_rerank):
     gw = gateway(tmp_path, procs, fake_embed.url, fake_rerank.url, WORKERS="4", REDIS_URL=redis.url,
                  RATE_LIMIT="20/minute")

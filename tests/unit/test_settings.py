@@ -1,3 +1,4 @@
+import os
 import re
 from pathlib import Path
 
@@ -34,10 +35,18 @@ def test_bad_value_names_the_variable(name, value):
         Settings.from_env({name: value}, env_file="")
 
 
-def test_several_workers_need_redis():
-    with pytest.raises(SettingsError, match="REDIS_URL"):
-        Settings.from_env({"WORKERS": "4"}, env_file="")
+def test_several_workers_without_redis_url_are_decided_at_start_up():
+    # start-up runs a private redis-server then (erproxy/private_redis.py), or refuses without the binary
+    assert Settings.from_env({"WORKERS": "4"}, env_file="").workers == 4
     assert Settings.from_env({"WORKERS": "4", "REDIS_URL": "redis://127.0.0.1:6379/0"}, env_file="").workers == 4
+
+
+def test_workers_auto_is_one_per_cpu_core():
+    s = Settings.from_env({"WORKERS": "auto"}, env_file="")
+    assert s.workers == len(os.sched_getaffinity(0)) and s.workers_auto
+    assert not Settings.from_env({"WORKERS": "3"}, env_file="").workers_auto
+    with pytest.raises(SettingsError, match="WORKERS.*auto"):
+        Settings.from_env({"WORKERS": "many"}, env_file="")
 
 
 def test_dotenv_is_read_and_environment_wins(tmp_path):

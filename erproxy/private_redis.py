@@ -1,0 +1,170 @@
+"""A private redis-server for WORKERS>1 without REDIS_URL: started before the workers, stopped after them.
+
+Several workers must share their state (exact rate, token and concurrency limits, revocations,
+the item cache, usage counters); without REDIS_URL the gateway runs its own `redis-server` as a
+child process: no TCP port (`--port 0`), a unix socket of mode 0700 and its data (append-only
+file, so usage counters survive a restart) in `.redis/` beside API_KEYS_FILE. It answers PING
+before uvicorn forks the workers, which get `REDIS_URL=unix://…/redis.sock`, and it is stopped
+(SIGTERM: Redis writes its data and exits) once the workers have drained and flushed. It runs in
+a session of its own, so a Ctrl-C to the terminal stops the gateway first and Redis after it; on
+Linux it is also told to stop if the gateway dies without cleaning up (PR_SET_PDEATHSIG).
+
+Without the `redis-server` binary the gateway refuses to start, saying how to install it or set
+REDIS_URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+log = logging.getLogger("erproxy.redis")
+
+DIR_NAME = ".redis"
+SOCKET_NAME = "redis.sock"
+LOG_NAME = "redis.log"
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 30.0
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux (104 on macOS)
+
+
+class PrivateRedisError(RuntimeError):
+    """The private redis-server cannot be started; the message says what to do."""
+
+
+def data_dir(settings: "Settings") -> Path:
+    """`.redis/` beside the key file (like er_usage.db): the socket, the append-only file, redis.log."""
+    return Path(settings.api_keys_file).resolve().parent / DIR_NAME
+
+
+def needed(settings: "Settings") -> bool:
+    return settings.workers > 1 and not settings.redis_url
+
+
+def missing_binary_message(settings: "Settings") -> str:
+    return (f"WORKERS={settings.workers} without REDIS_URL needs redis-server, which is not installed (not on PATH): "
+            "without a shared Redis the limits would be per process (each worker keeping its own rate limits "
+            "and concurrency count), so clients would get up to WORKERS times the configured limits. "
+            "Install it (apt-get install redis-server; make run does) and the gateway starts a private one, "
+            "or set REDIS_URL=redis://host:6379/0, or use WORKERS=1.")
+
+
+def answers_ping(path: Path, timeout: float = 0.5) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM the child when the gateway dies without stopping it (SIGKILL, a crash)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except Exception:  # noqa: BLE001 - not Linux: the next start handles the stale socket
+        pass
+
+
+class PrivateRedis:
+    """One redis-server child on a unix socket in `directory`."""
+
+    def __init__(self, directory: Path, binary: str | None = None) -> None:
+        self.directory = directory
+        self.socket = directory / SOCKET_NAME
+        self.binary = binary
+        self.popen: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> "PrivateRedis":
+        exe = self.binary or binary()
+        if not exe:
+            raise PrivateRedisError("redis-server is not installed")
+        if len(str(self.socket).encode()) > MAX_SOCKET_PATH:
+            raise PrivateRedisError(f"the socket path {self.socket} is too long for a unix socket "
+                                    f"(at most {MAX_SOCKET_PATH} bytes): move API_KEYS_FILE to a shorter path "
+                                    "or set REDIS_URL")
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        if self.socket.exists() or self.socket.is_symlink():
+            if answers_ping(self.socket):
+                raise PrivateRedisError(
+                    f"a redis-server already answers on {self.socket}: another gateway with the same "
+                    "API_KEYS_FILE folder is running; stop it first, or give this one REDIS_URL=unix://"
+                    f"{self.socket} to share it")
+            log.warning("removing the stale socket %s of a private redis-server that did not stop cleanly",
+                        self.socket)
+            self.socket.unlink()
+        cmd = [exe, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+               "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+               "--daemonize", "no", "--logfile", str(self.directory / LOG_NAME), "--pidfile", ""]
+        self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True, cwd=self.directory,
+                                      preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not answers_ping(self.socket):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise PrivateRedisError(f"the private redis-server did not start; its log "
+                                        f"{self.directory / LOG_NAME} ends with:\n{self._log_tail()}")
+            time.sleep(0.05)
+        log.info("private redis-server (pid %d) on %s, data in %s", self.popen.pid, self.socket, self.directory)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM (Redis fsyncs its append-only file and exits), then SIGKILL after STOP_TIMEOUT_S."""
+        p = self.popen
+        if p is None:
+            return
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.error("private redis-server (pid %d) did not stop in %gs; killed", p.pid, STOP_TIMEOUT_S)
+                p.kill()
+                p.wait()
+            else:
+                log.info("private redis-server (pid %d) stopped", p.pid)
+        self.popen = None
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join((self.directory / LOG_NAME).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def binary() -> str | None:
+    return shutil.which("redis-server")
+
+
+def start_for(settings: "Settings") -> PrivateRedis:
+    """The private Redis for these settings, answering PING; PrivateRedisError with what to do otherwise."""
+    binary_path = binary()
+    if not binary_path:
+        raise PrivateRedisError(missing_binary_message(settings))
+    return PrivateRedis(data_dir(settings), binary_path).start()
+
+
+def running_url(settings: "Settings") -> str | None:
+    """The URL of a gateway's private Redis that is running now (for the `keys` commands), else None."""
+    path = data_dir(settings) / SOCKET_NAME
+    return f"unix://{path}" if needed(settings) and answers_ping(path) else None

@@ -1,0 +1,137 @@
+"""WORKERS>1 without REDIS_URL: the gateway's own redis-server (unix socket, no TCP port, persisted)."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.procs import ROOT, Gateway, gateway_env, make_key_file, start_gateway
+from tests.scale.test_scale_out import burst, procs, serving_pids  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v redis-server"],
+                                               capture_output=True).returncode != 0,
+                                reason="redis-server is not installed (make system-deps)")
+
+
+def redis_children(pid: int) -> list[int]:
+    """PIDs of the redis-server processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        ppid = int(text[text.rindex(")") + 2:].split()[1])
+        if ppid == pid and comm.startswith("redis-server"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def listening_tcp_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A":  # LISTEN
+                inodes.add(cols[9])
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[len("socket:["):-1])
+    return out
+
+
+def gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or "(zombie)" in _state(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return "(zombie)" if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z" else ""
+    except (OSError, IndexError):
+        return "(zombie)"
+
+
+def test_two_workers_share_exact_limits_and_usage_through_a_private_redis(tmp_path, procs, fake_embed,
+                                                                          fake_rerank):
+    d = tmp_path / "gw0"
+    # a stale socket left by a crashed run: bound, never listened on, never unlinked
+    (d / ".redis").mkdir(parents=True)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(d / ".redis" / "redis.sock"))
+    stale.close()
+    env = gateway_env(d, fake_embed.url, fake_rerank.url, WORKERS="2", RATE_LIMIT="20/minute")
+    keys = make_key_file(Path(env["API_KEYS_FILE"]))
+    gw = Gateway(start_gateway(d, env), env, keys)
+    procs.append(gw.proc)
+    sock = d / ".redis" / "redis.sock"
+    assert sock.is_socket()
+    assert "private redis-server" in gw.log_file().read_text()
+
+    codes = burst([gw.url], gw.key, 60)
+    assert codes.count(200) == 20 and codes.count(429) == 40  # exact across the two workers
+    sent = len(codes)
+    while len(serving_pids(gw)) < 2 and sent < 600:  # the kernel may hand one worker the first burst
+        assert set(burst([gw.url], gw.key, 30)) == {429}
+        sent += 30
+    assert len(serving_pids(gw)) == 2
+
+    [redis_pid] = redis_children(gw.proc.pid)
+    assert not socket_inodes(redis_pid) & listening_tcp_inodes()  # no TCP port: only the unix socket
+
+    gw.proc.popen.send_signal(signal.SIGTERM)
+    assert gw.proc.popen.wait(30) in (0, -signal.SIGTERM)
+    assert gone(redis_pid), "the private redis-server outlived the gateway"
+    assert not sock.exists()
+    assert not (d / "er_usage.db").exists()  # the counters went to the private Redis
+    assert list((d / ".redis").rglob("*.aof"))  # ... which persists them
+
+    # stopped: `keys usage` reads the persisted counters through a private Redis of its own
+    out = subprocess.run([sys.executable, str(ROOT / "embedding_reranker_proxy.py"), "keys", "usage", "--json"],
+                         env=gw.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["data"]
+    assert sum(r["requests"] for r in rows if r["key"] == "tester") == sent
+    assert not sock.exists() and not redis_children(gw.proc.pid)
+
+    # the same folder: the counters survive the restart (a new rate: the old window is in Redis too)
+    again = start_gateway(d, {**gw.env, "RATE_LIMIT": "1000/minute"})
+    procs.append(again)
+    doc = httpx.get(again.url + "/v1/usage", headers=gw.auth()).json()
+    assert doc.get("total"), doc
+    assert doc["total"]["requests"] == sent and doc["total"]["errors_4xx"] == sent - 20
+
+
+def test_without_redis_server_on_path_start_up_refuses(tmp_path, fake_embed, fake_rerank):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, WORKERS="4", PATH=str(empty))
+    proc = start_gateway(tmp_path, env, wait=False)
+    assert proc.popen.wait(30) == 2
+    out = proc.output()
+    assert "apt-get install redis-server" in out and "REDIS_URL" in out and "per process" in out
+    assert not (tmp_path / ".redis").exists() and not (tmp_path / "keys.json").exists()  # refused before anything
