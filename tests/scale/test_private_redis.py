@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import ROOT, Gateway, gateway_env, make_key_file, start_gateway
+from tests.procs import ROOT, Gateway, fake_stats, gateway_env, make_key_file, start_gateway
 from tests.scale.test_scale_out import burst, procs, serving_pids  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v redis-server"],
@@ -84,7 +84,8 @@ def test_two_workers_share_exact_limits_and_usage_through_a_private_redis(tmp_pa
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(d / ".redis" / "redis.sock"))
     stale.close()
-    env = gateway_env(d, fake_embed.url, fake_rerank.url, WORKERS="2", RATE_LIMIT="20/minute")
+    env = gateway_env(d, fake_embed.url, fake_rerank.url, WORKERS="2", RATE_LIMIT="20/minute",
+                      CACHE_MAX_BYTES="1MiB")
     keys = make_key_file(Path(env["API_KEYS_FILE"]))
     gw = Gateway(start_gateway(d, env), env, keys)
     procs.append(gw.proc)
@@ -124,6 +125,11 @@ def test_two_workers_share_exact_limits_and_usage_through_a_private_redis(tmp_pa
     doc = httpx.get(again.url + "/v1/usage", headers=gw.auth()).json()
     assert doc.get("total"), doc
     assert doc["total"]["requests"] == sent and doc["total"]["errors_4xx"] == sent - 20
+    # the item cache lives there too: a fresh worker answers the burst's input without vLLM
+    before = fake_stats(fake_embed)["requests"].get("/v1/embeddings", 0)
+    r = httpx.post(again.url + "/v1/embeddings", json={"input": "hello world"}, headers=gw.auth(), timeout=30)
+    assert r.status_code == 200
+    assert fake_stats(fake_embed)["requests"].get("/v1/embeddings", 0) == before
 
 
 def test_without_redis_server_on_path_start_up_refuses(tmp_path, fake_embed, fake_rerank):

@@ -1,3 +1,4 @@
+import logging
 import os
 import re
 from pathlib import Path
@@ -167,3 +168,31 @@ def test_rate_check_for_keys_create_is_the_settings_rule():
     for bad in ("lots", "0/minute", "1/second;100/minute"):
         with pytest.raises(ValueError):
             validate_rate_limit(bad)
+
+
+def test_start_up_line_shows_the_worker_count_workers_auto_chose():
+    from erproxy import cli
+
+    s = Settings.from_env({"WORKERS": "auto", "REDIS_URL": "unix:///tmp/x.sock"}, env_file="")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("erproxy")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        cli.log_start(s, Path("keys.json"), 1, Path("x.log"), private_dir=Path("/srv/.redis"))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    text = "\n".join(r.getMessage() for r in records)
+    assert f"workers={len(os.sched_getaffinity(0))}, auto: one per CPU core" in text
+    assert "private redis-server (/srv/.redis)" in text
+
+
+def test_unix_redis_urls_reach_the_limits_library_as_redis_unix():
+    from erproxy.redis_admission import limits_storage_uri
+
+    assert limits_storage_uri("unix:///run/redis.sock?db=0") == "redis+unix:///run/redis.sock?db=0"
+    assert limits_storage_uri("redis://h:6379/0") == "redis://h:6379/0"
