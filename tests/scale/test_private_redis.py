@@ -141,3 +141,34 @@ def test_without_redis_server_on_path_start_up_refuses(tmp_path, fake_embed, fak
     out = proc.output()
     assert "apt-get install redis-server" in out and "REDIS_URL" in out and "per process" in out
     assert not (tmp_path / ".redis").exists() and not (tmp_path / "keys.json").exists()  # refused before anything
+
+
+def redis_on(sock: Path) -> list[int]:
+    """PIDs of redis-server processes serving `sock` (Redis shows it in its process title)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text.startswith("redis-server") and str(sock) in text:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_private_redis_is_stopped_when_uvicorn_cannot_start(tmp_path, fake_embed, fake_rerank):
+    with socket.socket() as taken:  # the gateway's port is taken: uvicorn cannot bind it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, WORKERS="2",
+                          PORT=str(taken.getsockname()[1]))
+        make_key_file(Path(env["API_KEYS_FILE"]))
+        proc = start_gateway(tmp_path, env, wait=False)
+        assert proc.popen.wait(30) != 0
+    out = proc.output()
+    assert "private redis-server" in Path(env["LOG_DIR"], "embedding_reranker_proxy.log").read_text(), out
+    sock = tmp_path / ".redis" / "redis.sock"
+    deadline = time.monotonic() + 10
+    while redis_on(sock) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not redis_on(sock) and not sock.exists()
