@@ -89,6 +89,17 @@ class Gateway:
     def log_file(self) -> Path:
         return Path(self.env["LOG_DIR"]) / "embedding_reranker_proxy.log"
 
+    def log_text(self, until: str, timeout: float = 5.0) -> str:
+        """The gateway's log once it holds `until` (or after `timeout`): the access line of a request is
+        written just after its answer is sent, so a loaded machine can read the file before it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            path = self.log_file()
+            text = path.read_text() if path.exists() else ""
+            if until in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.05)
+
 
 def gateway_env(tmp: Path, embed_urls: str, rerank_urls: str, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR")}

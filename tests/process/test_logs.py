@@ -10,20 +10,10 @@ import httpx
 from tests.procs import RedisServer
 
 
-def log_text_once(gw, needle: str, timeout: float = 5.0) -> str:
-    """The gateway's log once it holds `needle`: the access line is written just after the answer is sent."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = gw.log_file().read_text() if gw.log_file().exists() else ""
-        if needle in text or time.monotonic() > deadline:
-            return text
-        time.sleep(0.05)
-
-
 def test_access_log_names_key_never_contains_it(shared_gateway):
     httpx.post(shared_gateway.url + "/v1/embeddings", json={"input": "log me"}, headers=shared_gateway.auth())
     httpx.get(shared_gateway.url + "/v1/models", params={"api_key": shared_gateway.key})
-    text = log_text_once(shared_gateway, "GET /v1/models") + shared_gateway.proc.output()
+    text = shared_gateway.log_text(until="GET /v1/models") + shared_gateway.proc.output()
     assert shared_gateway.key not in text
     assert shared_gateway.env["ACCESS_TOKEN"] not in text
     line = [ln for ln in text.splitlines() if "POST /v1/embeddings" in ln and "key=tester" in ln][-1]
@@ -41,7 +31,7 @@ def test_client_chosen_model_names_do_not_become_labels_and_logs_cannot_be_forge
     assert "bogus" not in metrics
     assert re.search(r'erproxy_requests_total\{key="tester",model="unknown",route="/v1/embeddings",status="404"\} 3',
                      metrics)
-    log = log_text_once(shared_gateway, "\\x0a2026")
+    log = shared_gateway.log_text(until="\\x0a2026")
     assert not any(line.startswith("2026-11-24 06:20:00,714") or line.startswith("2026-01-01")
                    for line in log.splitlines())
     assert "\\x0a2026" in log
@@ -50,7 +40,7 @@ def test_client_chosen_model_names_do_not_become_labels_and_logs_cannot_be_forge
 def test_json_access_log(make_gateway):
     gw = make_gateway(LOG_JSON="1")
     httpx.post(gw.url + "/v1/embeddings", headers=gw.auth(), json={"model": "minilm", "input": ["a", "b"]})
-    lines = [json.loads(ln) for ln in log_text_once(gw, '"/v1/embeddings"').splitlines() if ln.startswith("{")]
+    lines = [json.loads(ln) for ln in gw.log_text(until='"/v1/embeddings"').splitlines() if ln.startswith("{")]
     entry = [e for e in lines if e["route"] == "/v1/embeddings"][-1]
     assert entry["key"] == "tester" and entry["status"] == 200 and entry["items"] == 2 and entry["model"] == "minilm"
     assert entry["upstream"] == gw.env["EMBEDDING_UPSTREAMS"] and entry["latency_ms"] > 0 and entry["time"].endswith("Z")
