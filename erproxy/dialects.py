@@ -509,9 +509,10 @@ class Dialects:
             self.h.metrics.tokens.labels(label, "reranker").inc(usage["prompt_tokens"])
         return Ranked(rid, answered or model, results, usage)
 
-    async def _documents_rerank(self, req: Request, version: str) -> Response:
-        """Cohere/Jina: today's answer plus Cohere's `meta`; Dify's `score_threshold` drops results."""
-        rr = parse_rerank(req.body)
+    async def _documents_results(self, req: Request, rr: RerankRequest, *,
+                                 text_beside: bool = False) -> tuple[Ranked, list[dict[str, Any]]]:
+        """Rank `rr`, drop what is under Dify's `score_threshold`, and shape each result as Cohere/Jina
+        do (`document.text`), with `text` beside it for the single-service API's clients."""
         threshold = score_threshold(rr)
         ranked = await self._rerank(req, rr)
         results = []
@@ -520,8 +521,17 @@ class Dialects:
                 continue
             item: dict[str, Any] = {"index": x.index, "relevance_score": x.relevance_score}
             if rr.return_documents:
-                item["document"] = {"text": rr.documents[x.index]}
+                text = rr.documents[x.index]
+                if text_beside:
+                    item["text"] = text
+                item["document"] = {"text": text}
             results.append(item)
+        return ranked, results
+
+    async def _documents_rerank(self, req: Request, version: str) -> Response:
+        """Cohere/Jina: today's answer plus Cohere's `meta`; Dify's `score_threshold` drops results."""
+        rr = parse_rerank(req.body)
+        ranked, results = await self._documents_results(req, rr)
         out = {"id": ranked.id, "model": ranked.model, "results": results, "usage": ranked.usage,
                "meta": rerank_meta(version, rr.items, ranked.usage.get("prompt_tokens"))}
         return Response(200, orjson.dumps(out))
@@ -556,18 +566,7 @@ class Dialects:
     async def single_service_rerank(self, req: Request) -> Response:
         """`/api/v1/rerank`: results carry `text` (their clients read it) and `document` as before."""
         rr = parse_rerank(req.body)
-        threshold = score_threshold(rr)
-        ranked = await self._rerank(req, rr)
-        results = []
-        for x in ranked.results:
-            if threshold is not None and x.relevance_score < threshold:
-                continue
-            item: dict[str, Any] = {"index": x.index, "relevance_score": x.relevance_score}
-            if rr.return_documents:
-                text = rr.documents[x.index]
-                item["text"] = text
-                item["document"] = {"text": text}
-            results.append(item)
+        ranked, results = await self._documents_results(req, rr, text_beside=True)
         return Response(200, orjson.dumps({"id": ranked.id, "model": ranked.model, "results": results,
                                            "usage": ranked.usage}))
 
