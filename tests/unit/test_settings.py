@@ -10,6 +10,25 @@ from erproxy.settings import SPECS, Settings, SettingsError
 ROOT = Path(__file__).resolve().parents[2]
 
 
+
+def start_up_messages(settings, *args, **kwargs) -> list[str]:
+    """What `cli.log_start` logs on the "erproxy" logger, whatever logging set-up ran before."""
+    from erproxy import cli
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("erproxy")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        cli.log_start(settings, *args, **kwargs)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return [r.getMessage() for r in records]
+
 def test_defaults_match_the_documented_product():
     s = Settings.from_env({}, env_file="")
     assert (s.host, s.port, s.workers, s.timeout) == ("0.0.0.0", 2048, 1, 600.0)
@@ -129,9 +148,6 @@ def test_dotenv_follows_python_dotenv_rules(tmp_path, monkeypatch):
 
 
 def test_old_single_service_variables_are_named_once_as_not_applicable(tmp_path):
-    import logging
-
-    from erproxy import cli
     from erproxy.settings import not_applicable_line
 
     env_file = tmp_path / ".env"
@@ -142,19 +158,7 @@ def test_old_single_service_variables_are_named_once_as_not_applicable(tmp_path)
     assert Settings.from_env({}, env_file="").not_applicable == ()
     assert not_applicable_line(Settings.from_env({}, env_file="")) is None
 
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("erproxy")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        cli.log_start(s, tmp_path / "keys.json", 1, tmp_path / "x.log")
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    lines = [r.getMessage() for r in records if "WORKER_" in r.getMessage()]
+    lines = [m for m in start_up_messages(s, tmp_path / "keys.json", 1, tmp_path / "x.log") if "WORKER_" in m]
     assert len(lines) == 1, lines
     (line,) = lines
     assert "not applicable" in line and "WORKER_CLASS" in line and "WORKER_CONNECTIONS" in line
@@ -171,22 +175,8 @@ def test_rate_check_for_keys_create_is_the_settings_rule():
 
 
 def test_start_up_line_shows_the_worker_count_workers_auto_chose():
-    from erproxy import cli
-
     s = Settings.from_env({"WORKERS": "auto", "REDIS_URL": "unix:///tmp/x.sock"}, env_file="")
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("erproxy")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        cli.log_start(s, Path("keys.json"), 1, Path("x.log"), private_dir=Path("/srv/.redis"))
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    text = "\n".join(r.getMessage() for r in records)
+    text = "\n".join(start_up_messages(s, Path("keys.json"), 1, Path("x.log"), private_dir=Path("/srv/.redis")))
     assert f"workers={len(os.sched_getaffinity(0))}, auto: one per CPU core" in text
     assert "private redis-server (/srv/.redis)" in text
 
