@@ -56,29 +56,27 @@ def _fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k not in UNKEYED_FIELDS}
 
 
-def embedding_keys(model: str | None, root: str | None, texts: Iterable[str], fields: dict[str, Any]) -> list[str]:
-    """One key per text: model, root, the text as sent upstream, and the fields that change a vector."""
-    prefix = orjson.dumps(["e", model, root, _fields(fields)], option=orjson.OPT_SORT_KEYS)
+def _item_keys(context: list[Any], items: Iterable[str]) -> list[str]:
+    """One key per item: a hash of what every item shares (`context`) and the item's own text."""
+    prefix = orjson.dumps(context, option=orjson.OPT_SORT_KEYS)
     out = []
-    for text in texts:
+    for item in items:
         h = hashlib.blake2b(prefix, digest_size=20)
         h.update(b"\x00")
-        h.update(text.encode())
+        h.update(item.encode())
         out.append(h.hexdigest())
     return out
+
+
+def embedding_keys(model: str | None, root: str | None, texts: Iterable[str], fields: dict[str, Any]) -> list[str]:
+    """One key per text: model, root, the text as sent upstream, and the fields that change a vector."""
+    return _item_keys(["e", model, root, _fields(fields)], texts)
 
 
 def rerank_keys(model: str | None, root: str | None, instruction: str | None, query: str, documents: Iterable[str],
                 fields: dict[str, Any]) -> list[str]:
     """One key per document: model, root, instruction, query, the document, truncation and the other fields."""
-    prefix = orjson.dumps(["r", model, root, instruction, query, _fields(fields)], option=orjson.OPT_SORT_KEYS)
-    out = []
-    for doc in documents:
-        h = hashlib.blake2b(prefix, digest_size=20)
-        h.update(b"\x00")
-        h.update(doc.encode())
-        out.append(h.hexdigest())
-    return out
+    return _item_keys(["r", model, root, instruction, query, _fields(fields)], documents)
 
 
 class ItemCache:
