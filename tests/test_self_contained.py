@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A folder beside the clone (../shared, ../fixtures), a path computed above the repository root from
+# A folder beside the clone (the parent's `shared` or `fixtures`), a path computed above the repository root from
 # a file's location, or the absolute path of some machine's checkout.
 OUTSIDE = re.compile(r"\.\./(shared|fixtures)\b|parents\[\d\]\s*/\s*[\"']shared[\"']|/work/main\b")
 
