@@ -43,10 +43,10 @@ class Accounting:
             if req.who is None:
                 return
             self.usage.record_request(req, model, status)
-            ticket = getattr(req, "token_ticket", None)
+            ticket = req.token_ticket
             if ticket is not None:
                 req.token_ticket = None
-                self.gate.settle(ticket, getattr(req, "tokens", 0) or 0)
+                self.gate.settle(ticket, req.tokens or 0)
         except Exception:  # noqa: BLE001
             self.usage.failures.inc()
             log.exception("usage of a request could not be recorded")

@@ -292,8 +292,8 @@ class Usage:
     def record_request(self, req: Request, model: str, status: int) -> None:
         if req.who is None:
             return
-        self.record(req.who.name, model, status, req.items or 0, getattr(req, "tokens", 0) or 0,
-                    getattr(req, "cache_hits", 0) or 0)
+        self.record(req.who.name, model, status, req.items or 0, req.tokens or 0,
+                    req.cache_hits)
 
     async def flush(self) -> bool:
         """Write what is pending; on failure keep it for the next flush. True when nothing is left."""
