@@ -66,7 +66,7 @@ run_driver() {
   trap 'exit 143' TERM
   trap 'exit 129' HUP
   # The driver (and wrk) run on the load core; every server it starts pins itself to core 0.
-  taskset -c "${BENCH_LOAD_CPU:-1}" "$BENCH_ROOT/.venv/bin/python" "$@" &
+  taskset -c "${BENCH_LOAD_CPU:-1}" "$BENCH_ROOT/.venv/bin/python" "$@" 9>&- &
   BENCH_PY_PID=$!
   wait "$BENCH_PY_PID"
 }
@@ -112,6 +112,13 @@ bench_main() {
     install_system
     install_project
     "$extra_install"
+  fi
+  # One benchmark at a time per machine: two runs pinned to the same cores measure each other.
+  local lock="${BENCH_LOCK:-${TMPDIR:-/tmp}/erproxy-bench.lock}"
+  exec 9>"$lock"
+  if ! flock -n 9; then
+    echo "[bench] another benchmark holds $lock; waiting for it to finish" >&2
+    flock 9
   fi
   run_driver "$driver" ${args[@]+"${args[@]}"}
 }
