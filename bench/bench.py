@@ -284,7 +284,7 @@ class Bench:
             "EMBEDDING_UPSTREAMS": upstream, "RERANKER_UPSTREAMS": upstream,
             "API_KEYS_FILE": str(self.workdir / f"keys-{secrets.token_hex(4)}.json"),
             "LOG_DIR": str(self.workdir / "gateway-logs"), "RATE_LIMIT": "100000000/minute",
-            "MAX_CONCURRENT_REQUESTS": "1000", "LOG_LEVEL": "warning", "ACCESS_TOKEN": self.token,
+            "MAX_CONCURRENT_REQUESTS": "1000", "LOG_LEVEL": "info", "ACCESS_TOKEN": self.token,
             "CACHE_MAX_BYTES": "0",  # the pass-through rows; gateway-cache-hit turns the item cache on
         })
         env.update(extra)
