@@ -1,4 +1,4 @@
-"""Upstream vLLM replicas: health, routing, and the pooled aiohttp session.
+"""Upstream vLLM replicas: health, routing, and the pooled connections that forward requests.
 
 Each model kind ("embedding", "reranker") has one or more replicas (base URLs). A background task
 checks every replica (`GET /health`, then `GET /v1/models` to learn what it serves); a replica that
@@ -6,8 +6,8 @@ refuses connections, times out or answers 5xx is ejected at once and probed agai
 back-off. Requests go to the healthy replica with the fewest requests in flight (ties at random) and
 are retried once on another replica after a connection failure or a 503, never after TIMEOUT.
 
-ReplicaSet routes (which replica serves a model), HealthChecks ejects and probes, Upstreams adds the
-pooled session that forwards a request. Turning an upstream's error answer into the client's error
+ReplicaSet routes (which replica serves a model), HealthChecks ejects and probes (with aiohttp),
+Upstreams adds the keep-alive client that forwards a request (upstream_client.py). Turning an upstream's error answer into the client's error
 is `errors.upstream_error`.
 """
 
@@ -24,6 +24,7 @@ import aiohttp
 import orjson
 
 from .errors import bad_gateway, gateway_timeout, not_found, unavailable
+from .upstream_client import ConnectFailed, ConnectionDropped, InvalidResponse, UpstreamClient
 
 log = logging.getLogger("erproxy.upstreams")
 
@@ -32,7 +33,6 @@ KINDS = ("embedding", "reranker")
 UPSTREAM_KEEPALIVE_S = 4.0
 MAX_BACKOFF_S = 30.0
 HEALTH_TIMEOUT_S = 5.0
-_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -255,7 +255,7 @@ def _learn_models(r: Replica, body: bytes) -> None:
 
 
 class Upstreams(ReplicaSet):
-    """The replicas with their health checks and the pooled session that forwards requests to them."""
+    """The replicas with their health checks and the keep-alive client that forwards requests to them."""
 
     def __init__(
         self,
@@ -271,24 +271,18 @@ class Upstreams(ReplicaSet):
         self.timeout = timeout
         self.pool_size = pool_size
         self.health = HealthChecks(self, timeout=timeout, interval=health_interval)
-        self.session: aiohttp.ClientSession | None = None
+        self.client: UpstreamClient | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.pool_size, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S,
-            ttl_dns_cache=300,
-        )
-        # Bodies are passed through as bytes: never ask vLLM (or a proxy before it) to compress them.
-        self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-        )
+        # Requests go through upstream_client.py (keep-alive, no compression asked: bodies pass as bytes);
+        # health checks keep their own aiohttp session (HealthChecks).
+        self.client = UpstreamClient(idle_timeout=UPSTREAM_KEEPALIVE_S)
         await self.health.start()
 
     async def close(self) -> None:
         await self.health.close()
-        if self.session:
-            await self.session.close()
+        if self.client:
+            self.client.close()
 
     def mark_failed(self, r: Replica, reason: str, probe: bool = False) -> None:
         self.health.mark_failed(r, reason, probe)
@@ -327,25 +321,21 @@ class Upstreams(ReplicaSet):
         raise unavailable(f"No healthy {kind} upstream for model `{model}`.", retry_after=1)
 
     async def _post_once(self, r: Replica, path: str, body: bytes, timeout: float) -> UpstreamResponse:
-        assert self.session is not None
+        assert self.client is not None
         r.in_flight += 1
-        # the session's timeout is TIMEOUT; only a retry needs its own, shorter one
-        extra = {} if timeout >= self.timeout else {"timeout": aiohttp.ClientTimeout(total=timeout)}
         try:
-            async with self.session.post(r.url + path, data=body, headers=_JSON_HEADERS, **extra) as resp:
-                data = await resp.read()
-                status = resp.status
+            status, data = await self.client.post(r.url, path, body, timeout)
         except asyncio.TimeoutError:
             if timeout >= self.timeout:  # a retry's leftover budget says nothing about the replica
                 self.mark_failed(r, f"no answer within {timeout:.3g} s")
             raise gateway_timeout(f"The upstream {r.url} did not answer within TIMEOUT={self.timeout:g} s.") from None
-        except aiohttp.ClientConnectorError as e:
+        except ConnectFailed as e:
             self.mark_failed(r, _describe(e))
             raise _ConnectionFailed(r, _describe(e), refused=True) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as e:
+        except ConnectionDropped as e:
             raise _ConnectionFailed(r, _describe(e), refused=False) from None
-        except aiohttp.ClientResponseError as e:  # not HTTP at all
-            self.mark_failed(r, f"invalid HTTP answer: {e.message}")
+        except InvalidResponse as e:  # not HTTP at all
+            self.mark_failed(r, str(e))
             raise bad_gateway(f"The upstream {r.url} answered something that is not valid HTTP.") from None
         finally:
             r.in_flight -= 1
@@ -357,7 +347,11 @@ class Upstreams(ReplicaSet):
 def _describe(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return "timed out"
-    if isinstance(e, aiohttp.ClientConnectorError):
+    if isinstance(e, ConnectFailed):
+        return f"refused or unreachable ({e.os_error.strerror or e.os_error})"
+    if isinstance(e, aiohttp.ClientConnectorError):  # a health check's
         return f"refused or unreachable ({e.os_error.strerror or e.os_error})" if e.os_error else "unreachable"
+    if isinstance(e, ConnectionDropped):
+        return str(e)
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
