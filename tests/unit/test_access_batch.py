@@ -1,0 +1,66 @@
+"""Access lines are written in batches (erproxy/logs.py): same text as the logging module would
+write, every line kept, one write per event-loop turn."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+import pytest
+
+from erproxy import logs
+from erproxy.logs import AccessBatch, Formatter, SharedRotatingFileHandler
+
+FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s"
+
+
+def test_the_formatter_writes_what_logging_writes() -> None:
+    plain, ours = logging.Formatter(FORMAT), Formatter(FORMAT)
+    for created in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_001.0):
+        record = logging.LogRecord("erproxy.access", logging.INFO, "", 0, "key=a status=200", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == plain.format(record)
+    dated = logging.LogRecord("x", logging.INFO, "", 0, "m", None, None)
+    assert Formatter("%(asctime)s", "%H:%M").format(dated) == logging.Formatter("%(asctime)s", "%H:%M").format(dated)
+
+
+class CountingStream(io.StringIO):
+    writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+@pytest.mark.asyncio
+async def test_lines_of_one_loop_turn_go_out_in_one_write(tmp_path, monkeypatch) -> None:
+    stream = CountingStream()
+    console = logging.StreamHandler(stream)
+    console.setFormatter(Formatter("%(name)s %(message)s"))
+    file_handler = SharedRotatingFileHandler(tmp_path / "gw.log", 1 << 20, 2)
+    file_handler.setFormatter(Formatter("%(name)s %(message)s"))
+    batch = AccessBatch([file_handler, console])
+    monkeypatch.setattr(logs, "_batch", batch)
+    monkeypatch.setattr(logs.access_log, "level", logging.INFO)
+    for i in range(50):
+        logs.log_access(who="k", method="POST", route="/v1/embeddings", model="m", items=i, status=200,
+                        latency_ms=1.25, upstream=None)
+    assert stream.getvalue() == "", "nothing is written before the loop turns"
+    await asyncio.sleep(0)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 50 and stream.writes == 1
+    assert lines[7] == "erproxy.access key=k POST /v1/embeddings model=m items=7 status=200 latency_ms=1.2 upstream=-"
+    file_handler.close()
+    assert (tmp_path / "gw.log").read_text().splitlines() == lines
+
+
+def test_without_an_event_loop_a_line_is_written_at_once(monkeypatch) -> None:
+    stream = io.StringIO()
+    console = logging.StreamHandler(stream)
+    console.setFormatter(Formatter("%(message)s"))
+    monkeypatch.setattr(logs, "_batch", AccessBatch([console]))
+    monkeypatch.setattr(logs.access_log, "level", logging.INFO)
+    logs.log_access(who="k", method="GET", route="/v1/models", model=None, items=None, status=200,
+                    latency_ms=0.5, upstream=None, note="auth=ok")
+    assert stream.getvalue() == "key=k GET /v1/models model=- items=- status=200 latency_ms=0.5 upstream=- auth=ok\n"
