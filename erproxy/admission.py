@@ -1,11 +1,16 @@
 """Admission: may this caller be served now?
 
-Two gates, checked in this order after authentication:
-- a per-key rate limit (moving window, `limits` async API), 429 `rate_limit_exceeded` + Retry-After;
+Three gates, checked in this order after authentication (and after the body is read), in one call,
+`admit(who, token_limit, lease)`:
+- a per-key rate limit (moving window, `limits`' semantics), 429 `rate_limit_exceeded` + Retry-After;
+- a per-key token limit (POST requests of keys with one; token_limits.py), 429 `token_limit_exceeded`;
 - a global concurrency cap, 429 `concurrency_limit_exceeded`.
-State lives in this process (`MemoryAdmission`, on `LocalWindowStorage`) or in Redis when several
-workers or gateway instances must share exact limits (see `redis_admission.py`). Time comes
-from an injected clock (`time.time` unless a test passes its own).
+It returns a `Pass`: the lease of a concurrency slot and the request's token ticket. `finish(pass)` gives
+the slot back without waiting for anything. A refused request takes nothing but its rate-limit hit
+(as when the gates were separate calls: the hit counts even when the token limit or the cap refuses).
+State lives in this process (`MemoryAdmission`, on `LocalWindowStorage`, no I/O) or in Redis when
+several workers or gateway instances must share exact limits (see `redis_admission.py`: one Lua
+script, one round trip). Time comes from an injected clock (`time.time` unless a test passes its own).
 """
 
 from __future__ import annotations
@@ -13,21 +18,35 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from limits import RateLimitItem, parse as parse_rate
 from limits.aio.storage import MovingWindowSupport, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
 
 from .errors import concurrency_exceeded, rate_limited
 from .keys import Identity
+from .token_limits import MemoryTokenLimiter, Ticket, TokenLimit, token_exceeded
 
 Clock = Callable[[], float]
+
+LOCAL_LEASE = "local"  # a concurrency slot taken under this process's own cap
+
+
+class Pass:
+    """An admitted request: its concurrency lease (None: it took none) and its token ticket (None: no limit)."""
+
+    __slots__ = ("lease", "ticket")
+
+    def __init__(self, lease: Any, ticket: Ticket | None) -> None:
+        self.lease = lease
+        self.ticket = ticket
 
 
 class Admission(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
+    async def admit(self, who: Identity, token_limit: TokenLimit | None = None, lease: bool = True) -> Pass: ...
+    def finish(self, admitted: Pass) -> None: ...
     async def enforce_rate_limit(self, who: Identity) -> None: ...
     async def acquire(self) -> object: ...
     async def release(self, slot: object) -> None: ...
@@ -40,6 +59,18 @@ class RateLimits:
     def __init__(self, default: str) -> None:
         self.default = parse_rate(default)
         self._cache: dict[str, RateLimitItem] = {}
+        self._keys: dict[tuple[str, str | None], tuple[RateLimitItem, str]] = {}
+
+    def key_for(self, who: Identity) -> tuple[RateLimitItem, str]:
+        """The key's RateLimitItem and its window's name (`limits`' own: LIMITER/bucket/amount/multiples/unit)."""
+        k = (who.bucket or who.name, who.rate_limit)
+        found = self._keys.get(k)
+        if found is None:
+            if len(self._keys) > 65536:
+                self._keys.clear()
+            item = self.item_for(who)
+            found = self._keys[k] = (item, item.key_for(k[0]))
+        return found
 
     def item_for(self, who: Identity) -> RateLimitItem:
         if not who.rate_limit:
@@ -98,6 +129,10 @@ class LocalWindowStorage(Storage, MovingWindowSupport):
         return q
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        return self.hit(key, limit, expiry, amount)
+
+    def hit(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """acquire_entry without the coroutine: for MemoryAdmission, which never waits."""
         now = self.clock()
         if now >= self._next_sweep:
             self._sweep(now)
@@ -120,6 +155,9 @@ class LocalWindowStorage(Storage, MovingWindowSupport):
         return q
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        return self.window(key, expiry)
+
+    def window(self, key: str, expiry: int) -> tuple[float, int]:
         now = self.clock()
         q = self._live(key, expiry, now)
         return (q[0], len(q)) if q else (now, 0)
@@ -175,13 +213,14 @@ class LocalWindowStorage(Storage, MovingWindowSupport):
 
 
 class MemoryAdmission:
-    """Exact limits for one process (WORKERS=1 without Redis)."""
+    """Exact limits for one process (WORKERS=1 without Redis); also RedisAdmission's fallback."""
 
     def __init__(self, rate_limit: str, max_concurrent: int, *, clock: Clock = time.time) -> None:
         self.limits = RateLimits(rate_limit)
         self.max_concurrent = max_concurrent
         self.clock = clock
-        self._limiter = MovingWindowRateLimiter(LocalWindowStorage(clock=clock))
+        self._storage = LocalWindowStorage(clock=clock)
+        self.tokens = MemoryTokenLimiter(clock)  # the token windows (TokenGate settles into them)
         self._in_flight = 0
 
     async def start(self) -> None:
@@ -190,21 +229,46 @@ class MemoryAdmission:
     async def close(self) -> None:
         return None
 
+    async def admit(self, who: Identity, token_limit: TokenLimit | None = None, lease: bool = True) -> Pass:
+        return self.admit_now(who, token_limit, lease)
+
+    def admit_now(self, who: Identity | None, token_limit: TokenLimit | None = None, lease: bool = True) -> Pass:
+        """Rate limit, token limit, concurrency slot: in that order, all in this process, no waiting."""
+        if who is not None:
+            item, key = self.limits.key_for(who)
+            expiry = item.get_expiry()
+            if not self._storage.hit(key, item.amount, expiry):
+                start, _ = self._storage.window(key, expiry)
+                raise rate_limited(item, retry_after_s(start + expiry, self.clock()))
+        ticket = window = None
+        if token_limit is not None and who is not None:
+            ticket, retry, window = self.tokens.decide(who.bucket or who.name, token_limit)
+            if ticket is None:
+                raise token_exceeded(token_limit, max(1, math.ceil(retry)))
+        if lease:
+            if self._in_flight >= self.max_concurrent:
+                raise concurrency_exceeded(self.max_concurrent)
+            self._in_flight += 1
+        if window is not None:
+            window[2] += 1  # in flight in its token window until settled
+        return Pass(LOCAL_LEASE if lease else None, ticket)
+
+    def finish(self, admitted: Pass) -> None:
+        if admitted.lease is not None:
+            admitted.lease = None
+            self._in_flight -= 1
+
     async def enforce_rate_limit(self, who: Identity) -> None:
-        item = self.limits.item_for(who)
-        if not await self._limiter.hit(item, who.bucket or who.name):
-            stats = await self._limiter.get_window_stats(item, who.bucket or who.name)
-            raise rate_limited(item, retry_after_s(stats.reset_time, self.clock()))
+        self.admit_now(who, None, lease=False)
 
     async def acquire(self) -> object:
-        if self._in_flight >= self.max_concurrent:
-            raise concurrency_exceeded(self.max_concurrent)
-        self._in_flight += 1
-        return None
+        return self.admit_now(None, None, lease=True)
 
     async def release(self, slot: object) -> None:
-        self._in_flight -= 1
+        if isinstance(slot, Pass):
+            self.finish(slot)
+        else:
+            self._in_flight -= 1
 
     def in_flight(self) -> int:
         return self._in_flight
-

@@ -208,20 +208,22 @@ class Gateway:
         if endpoint.public:
             return await endpoint.handler(req)
         req.who = authenticate(req, self.keys)
-        await self.admission.enforce_rate_limit(req.who)
-        if self.accounting is not None and req.method == "POST":  # TOKEN_LIMIT: 429 token_limit_exceeded
-            req.token_ticket = await self.accounting.admit(req.who)
+        token_limit = None
         if req.method == "POST":
             # The whole body, under a deadline, before a slot is taken: a client that trickles its
             # body must not hold one of MAX_CONCURRENT_REQUESTS slots while it does.
             req.body = await read_body(req, self.max_body_bytes, self.body_timeout)
-        slot = await self.admission.acquire()
+            if self.accounting is not None:  # TOKEN_LIMIT: 429 token_limit_exceeded
+                token_limit = self.accounting.token_limit(req.who)
+        # Rate limit, token limit, concurrency slot (429 each): one call, one Redis round trip.
+        admitted = await self.admission.admit(req.who, token_limit)
+        req.token_ticket = admitted.ticket  # settled in the record step
         self.in_flight.inc()
         try:
             return await endpoint.handler(req)
         finally:
             self.in_flight.dec()
-            await self.admission.release(slot)
+            self.admission.finish(admitted)  # never waited for: queued for the next write to Redis
 
     def record(self, req: Request, status: int, note: str | None = None) -> None:
         """Metrics and the access log line of an answered (or abandoned) request."""

@@ -1,72 +1,147 @@
 """Admission shared through Redis: exact limits across worker processes and gateway instances.
 
-- Rate limits: the `limits` library's moving window on Redis (an atomic Lua script per hit).
-- Concurrency cap: a sorted set of leases, taken and counted in one Lua script, so under any
-  interleaving at most MAX_CONCURRENT_REQUESTS are admitted. Each worker renews its leases every
-  few seconds; the leases of a crashed worker expire after LEASE_TTL_S and free their slots.
+One round trip per request: the rate limit, the token limit and the concurrency lease are checked
+and taken by ONE Lua script (ADMIT), atomically, with the Redis server's clock, sent on the worker's
+one pipelined connection (resp.py: commands of concurrent requests share writes, no pool, no lock).
+What happens after the answer is never awaited by a request: lease releases (one ZREM) and token
+charges (one SETTLE script) are batched and go out with the next write.
+
+- Rate limits: `limits`' moving window and its data layout (a list of hit times, newest first, trimmed
+  to the limit, under LIMITS:LIMITER/bucket/amount/multiples/unit): the same limits per key, the same
+  Retry-After (until the oldest hit of a full window leaves it).
+- Token limits: token_limits.py's windows (`erproxy:tokens:BUCKET:WINDOW`), checked with the others.
+- Concurrency cap: a sorted set of leases (`erproxy:inflight`), counted and taken in the same script,
+  so under any interleaving at most MAX_CONCURRENT_REQUESTS are admitted. Each worker renews its
+  leases every few seconds; the leases of a crashed worker expire after LEASE_TTL_S and free their slots.
 - Revocations: `keys revoke` also adds the key's hash to a Redis set that every worker polls, so a
   key revoked on one host is refused by every instance sharing the Redis within a second.
 
-When Redis cannot be reached, requests get 503 `limits_unavailable` (REDIS_FAIL_OPEN=false, the
-default) or are admitted under this process's own limits (REDIS_FAIL_OPEN=true). The redis
-client reconnects by itself: no restart is needed once Redis is back.
+When Redis cannot be reached (or does not answer within REPLY_TIMEOUT_S), requests get 503
+`limits_unavailable` (REDIS_FAIL_OPEN=false, the default) or are admitted under this process's own
+limits (REDIS_FAIL_OPEN=true). While Redis is known to be down no request waits for it; the
+revocation poll notices when it is back, and the client reconnects by itself: no restart is needed.
+redis-py (`self.redis`) still serves what is off the request's path: usage counters, the
+authentication-failure throttle, `keys revoke`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import os
-import time
 import uuid
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
 from redis import asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.asyncio.retry import Retry
 
-from .admission import MemoryAdmission, RateLimits, retry_after_s
+from .admission import LOCAL_LEASE, MemoryAdmission, Pass, RateLimits
 from .errors import concurrency_exceeded, limits_unavailable, rate_limited
 from .keys import Identity
+from .resp import RespClient, RespError, Script, bulk
+from .token_limits import Ticket, TokenLimit, token_exceeded
 
 log = logging.getLogger("erproxy.redis")
 
 PREFIX = "erproxy"
+LIMITS_PREFIX = "LIMITS"  # `limits`' RedisStorage key prefix: the rate windows keep its layout
 LEASE_TTL_S = 15.0
 RENEW_EVERY_S = 5.0
 REVOKED_POLL_S = 0.5
-POOL_SIZE = 64
-POOL_WAIT_S = 5.0
+REPLY_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 1.0
 
-# KEYS[1] = lease set; ARGV = limit, member, ttl. Uses the server clock so instances agree.
-ACQUIRE = """
+# KEYS: [1] the rate window (a list of hit times, newest first), [2] the lease set, [3] the token
+# windows' prefix (+ ':' .. window), [4] the key's last answer (tokens).
+# ARGV: [1] rate limit (-1: no rate check), [2] its window in s, [3] concurrency cap (0: take no
+# lease), [4] lease ttl s, [5] token limit (0: none), [6] token period s, [7] the lease's member.
+# Returns {0, 0, token window} admitted; {1, ms until a hit frees} rate limited; {2, ms, window}
+# token limited; {3, 0, 0} no free slot. A refused request takes nothing but its rate hit.
+ADMIT = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
-  return 1  -- a retried call whose first reply was lost: the lease is already ours
+local amount = tonumber(ARGV[1])
+if amount >= 0 then
+  local expiry = tonumber(ARGV[2])
+  if amount == 0 then return {1, expiry * 1000, 0} end
+  local oldest = redis.call('LINDEX', KEYS[1], amount - 1)
+  if oldest and tonumber(oldest) >= now - expiry then
+    return {1, math.ceil((tonumber(oldest) + expiry - now) * 1000), 0}
+  end
+  redis.call('LPUSH', KEYS[1], now)
+  redis.call('LTRIM', KEYS[1], 0, amount - 1)
+  redis.call('EXPIRE', KEYS[1], expiry)
 end
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-  return 1
+local tlimit = tonumber(ARGV[5])
+local tkey, window, period
+if tlimit > 0 then
+  period = tonumber(ARGV[6])
+  window = math.floor(now / period)
+  tkey = KEYS[3] .. ':' .. window
+  local v = redis.call('HMGET', tkey, 'used', 'n', 'f')
+  local used, n, f = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  if used >= tlimit then
+    return {2, math.floor(((window + 1) * period - now) * 1000), window}
+  end
+  local avg = 0
+  if n > 0 then avg = used / n else avg = tonumber(redis.call('GET', KEYS[4]) or '0') end
+  if used + f * avg >= tlimit then
+    return {2, 1000, window}
+  end
 end
-return 0
-"""
+local cap = tonumber(ARGV[3])
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= cap then
+    return {3, 0, 0}
+  end
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[7])
+end
+if tkey then
+  redis.call('HINCRBY', tkey, 'f', 1)
+  redis.call('EXPIRE', tkey, period * 2 + 60)
+  return {0, 0, window}
+end
+return {0, 0, 0}
+""")
+
+# Token charges of answered requests, batched: KEYS pairs (window prefix, last answer), ARGV triples
+# (admitted window, period, tokens). Each takes its request off its admitted window's in-flight
+# count and charges its tokens to the current window.
+SETTLE = Script("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i = 1, #KEYS, 2 do
+  local j = (i - 1) / 2 * 3
+  local period = tonumber(ARGV[j + 2])
+  local admitted = KEYS[i] .. ':' .. ARGV[j + 1]
+  local f = tonumber(redis.call('HGET', admitted, 'f') or '0')
+  if f > 0 then redis.call('HINCRBY', admitted, 'f', -1) end
+  local tokens = tonumber(ARGV[j + 3])
+  if tokens > 0 then
+    local key = KEYS[i] .. ':' .. math.floor(now / period)
+    redis.call('HINCRBY', key, 'used', tokens)
+    redis.call('HINCRBY', key, 'n', 1)
+    redis.call('EXPIRE', key, period * 2 + 60)
+    redis.call('SET', KEYS[i + 1], tokens, 'EX', 86400)
+  end
+end
+return #KEYS / 2
+""")
+
 # KEYS[1] = lease set; ARGV[1] = ttl; ARGV[2..] = members still held by this worker.
-RENEW = """
+RENEW = Script("""
 local t = redis.call('TIME')
 local expiry = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
 for i = 2, #ARGV do
   redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
 end
 return #ARGV - 1
-"""
+""")
 
-REDIS_ERRORS: tuple[type[BaseException], ...] = (aioredis.RedisError, OSError, asyncio.TimeoutError)
+REDIS_ERRORS: tuple[type[BaseException], ...] = (aioredis.RedisError, RespError, OSError, asyncio.TimeoutError)
 try:  # limits wraps storage errors when asked to
     from limits.errors import StorageError
 
@@ -74,13 +149,16 @@ try:  # limits wraps storage errors when asked to
 except ImportError:  # pragma: no cover
     pass
 
-
-T = TypeVar("T")
-LOCAL_SLOT = ("local", None)  # a concurrency slot taken under this process's own cap
+LOCAL_SLOT = LOCAL_LEASE  # a concurrency slot taken under this process's own cap
 
 
 def revoked_set_key() -> str:
     return f"{PREFIX}:revoked"
+
+
+def token_keys(bucket: str) -> tuple[str, str]:
+    """The token windows' prefix and the last-answer key of a bucket."""
+    return f"{PREFIX}:tokens:{bucket}", f"{PREFIX}:tokens:{bucket}:last"
 
 
 class RedisAdmission:
@@ -89,32 +167,32 @@ class RedisAdmission:
         self.limits = RateLimits(rate_limit)
         self.max_concurrent = max_concurrent
         self.fail_open = fail_open
-        # A blocking pool: under a burst, requests wait for one of POOL_SIZE connections instead of
-        # failing with "Too many connections". One immediate retry on a broken connection: pooled
-        # connections opened before a Redis restart fail once each, and should cost the client
-        # nothing. A retried hit or lease errs on the safe side (counted twice; a stray lease
-        # expires after LEASE_TTL_S).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, socket_connect_timeout=1.0, socket_timeout=2.0,
-            health_check_interval=10, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
-        )
+        self.client = RespClient(url, timeout=REPLY_TIMEOUT_S, connect_timeout=CONNECT_TIMEOUT_S)
+        for script in (ADMIT, SETTLE, RENEW):
+            self.client.register(script)
+        self.client.before_flush.append(self._send_batches)
+        # redis-py, for what is off the request's path (usage.py, auth_throttle.py): a pool that
+        # waits for a free connection under a burst, and reconnects by itself.
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=16, timeout=5.0,
+                                                        socket_connect_timeout=1.0, socket_timeout=2.0,
+                                                        health_check_interval=10)
         self.redis = aioredis.Redis(connection_pool=pool)
-        self._storage = RedisStorage(limits_storage_uri(url), implementation="redispy", wrap_exceptions=True,
-                                     connection_pool=self.redis.connection_pool)
-        self._limiter = MovingWindowRateLimiter(self._storage)
-        self._acquire = self.redis.register_script(ACQUIRE)
-        self._renew = self.redis.register_script(RENEW)
         self._leases_key = f"{PREFIX}:inflight"
         self._held: set[str] = set()
-        self._worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}:"
+        self._seq = itertools.count(1)
         self._fallback = MemoryAdmission(rate_limit, max_concurrent)
+        self.tokens = RedisTokens(self)  # TokenGate's limiter: settles into Redis in batches
+        self._tails: dict[tuple[Any, ...], tuple[Any, int, bytes]] = {}
+        self._releases: list[str] = []
+        self._settles: list[tuple[Ticket, int, Callable[[], None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.revoked_hashes: frozenset[str] = frozenset()
         self._redis_ok = True
 
     async def start(self) -> None:
         try:
-            await self.redis.ping()
+            await self.client.call(b"PING")
         except REDIS_ERRORS as e:
             self._note_down(e)
         loop = asyncio.get_running_loop()
@@ -125,10 +203,11 @@ class RedisAdmission:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._held:
-            try:
-                await self.redis.zrem(self._leases_key, *self._held)
-            except REDIS_ERRORS:
-                pass
+            self._releases.extend(self._held)
+            self._held.clear()
+        if self.client.connected:
+            self.client.request_flush()
+        await self.client.close()  # waits for the batches in flight
         await self.redis.aclose()
 
     # ---- state of the connection ---------------------------------------------------------------
@@ -144,57 +223,145 @@ class RedisAdmission:
             log.warning("Redis at %s reachable again; shared limits restored", _safe_url(self.url))
         self._redis_ok = True
 
-    async def _without_redis(self, local: Callable[[], Awaitable[T]]) -> T:
-        """Redis is down: REDIS_FAIL_OPEN=true admits under this process's own limits, else 503."""
+    # ---- Admission protocol --------------------------------------------------------------------
+    # While Redis is known to be down no request waits for a timeout: it goes straight to this
+    # process's limits (REDIS_FAIL_OPEN=true) or 503, and the revocation poll notices when Redis is back.
+    async def admit(self, who: Identity | None, token_limit: TokenLimit | None = None, lease: bool = True, *,
+                    rate: bool = True) -> Pass:
+        """One ADMIT script: `who`'s rate limit (unless rate=False or who is None), its token limit
+        (with token_limit), a lease (with lease). 429 for the first gate that refuses; 503 or this
+        process's limits while Redis is down."""
+        if self._redis_ok:
+            item, nargs, tail = self._tail(who, token_limit, lease, rate)
+            member = f"{self._worker}{next(self._seq)}" if lease else ""
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+
+            def answered(reply: Any) -> None:
+                if not fut.done():
+                    if isinstance(reply, BaseException):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply)
+                elif reply.__class__ is list and reply[0] == 0:  # the caller is gone: give back what it took
+                    self._give_back(member, who, token_limit, int(reply[2]))
+
+            self.client.script_raw(ADMIT, nargs, tail + bulk(member), answered)
+            try:
+                code, ms, window = await fut
+            except REDIS_ERRORS as e:
+                self._note_down(e)
+            else:
+                if not self._redis_ok:
+                    self._note_up()
+                if code == 0:
+                    ticket = None
+                    if token_limit is not None and who is not None:
+                        ticket = Ticket(who.bucket or who.name, window, token_limit.period, "redis")
+                    if lease:
+                        self._held.add(member)
+                        return Pass(member, ticket)
+                    return Pass(None, ticket)
+                if code == 1:
+                    raise rate_limited(item, max(1, math.ceil(ms / 1000)))
+                if code == 2:
+                    assert token_limit is not None
+                    raise token_exceeded(token_limit, max(1, math.ceil(ms / 1000)))
+                raise concurrency_exceeded(self.max_concurrent)
         if not self.fail_open:
             raise limits_unavailable()
-        return await local()
+        if not rate and who is not None:
+            return self._fallback.admit_now(None, None, lease) if token_limit is None else \
+                self._fallback_tokens(who, token_limit, lease)
+        return self._fallback.admit_now(who, token_limit, lease)
 
-    # ---- Admission protocol --------------------------------------------------------------------
-    # While Redis is known to be down no request waits for a timeout: it goes straight to
-    # _without_redis, and the revocation poll notices when Redis is back.
+    def _fallback_tokens(self, who: Identity, token_limit: TokenLimit, lease: bool) -> Pass:
+        ticket, retry, window = self._fallback.tokens.decide(who.bucket or who.name, token_limit)
+        if ticket is None or window is None:
+            raise token_exceeded(token_limit, max(1, math.ceil(retry)))
+        admitted = self._fallback.admit_now(None, None, lease)
+        window[2] += 1
+        admitted.ticket = ticket
+        return admitted
+
+    def _tail(self, who: Identity | None, token_limit: TokenLimit | None, lease: bool,
+              rate: bool = True) -> tuple[Any, int, bytes]:
+        """The ADMIT arguments of this caller but the member, encoded once per key and limits."""
+        k = (who.bucket or who.name, who.rate_limit) if who is not None else None
+        cache_key = (k, token_limit, lease, rate)
+        found = self._tails.get(cache_key)
+        if found is None:
+            if len(self._tails) > 65536:
+                self._tails.clear()
+            item, rate_key, amount, expiry = None, "", -1, 0
+            if who is not None and rate:
+                item, key = self.limits.key_for(who)
+                rate_key, amount, expiry = f"{LIMITS_PREFIX}:{key}", item.amount, item.get_expiry()
+            prefix, last = token_keys(who.bucket or who.name) if who is not None else ("", "")
+            tlimit, period = (token_limit.amount, token_limit.period) if token_limit is not None else (0, 0)
+            keys = [rate_key, self._leases_key, prefix, last]
+            args = [amount, expiry, self.max_concurrent if lease else 0, LEASE_TTL_S, tlimit, period]
+            nargs, tail = ADMIT.tail(keys, args)
+            found = self._tails[cache_key] = (item, nargs + 1, tail)  # + the member, added per call
+        return found
+
+    def _give_back(self, member: str, who: Identity | None, token_limit: TokenLimit | None, window: int) -> None:
+        if member:
+            self._releases.append(member)
+        if token_limit is not None and who is not None:
+            self._settles.append((Ticket(who.bucket or who.name, window, token_limit.period, "redis"), 0,
+                                  lambda: None))
+        self.client.request_flush()
+
+    def finish(self, admitted: Pass) -> None:
+        """Give the slot back: queued, sent with the next write (the lease expires by itself if that fails)."""
+        lease = admitted.lease
+        if lease is None:
+            return
+        admitted.lease = None
+        if lease is LOCAL_LEASE:
+            self._fallback.finish(Pass(lease, None))
+            return
+        self._held.discard(lease)
+        self._releases.append(lease)
+        self.client.request_flush()
+
+    def settle_later(self, ticket: Ticket, tokens: int, on_failure: Callable[[], None]) -> None:
+        """Charge an answered request's tokens with the next write (TokenGate.settle)."""
+        self._settles.append((ticket, tokens, on_failure))
+        self.client.request_flush()
+
+    def _send_batches(self) -> None:
+        """Just before the client writes: the releases and charges queued since its last write."""
+        if self._releases:
+            members, self._releases = self._releases, []
+            self.client.send(b"ZREM", self._leases_key, *members)
+        if self._settles:
+            batch, self._settles = self._settles, []
+            keys: list[str] = []
+            args: list[Any] = []
+            for ticket, tokens, _ in batch:
+                keys.extend(token_keys(ticket.bucket))
+                args += [ticket.window, ticket.period, tokens]
+
+            def charged(reply: Any) -> None:
+                if isinstance(reply, BaseException):
+                    log.error("tokens of %d answered requests could not be charged (%s: %s)", len(batch),
+                              type(reply).__name__, reply)
+                    for _, _, on_failure in batch:
+                        on_failure()
+
+            self.client.script(SETTLE, keys, args, charged)
+
     async def enforce_rate_limit(self, who: Identity) -> None:
-        item = self.limits.item_for(who)
-        if self._redis_ok:
-            bucket = who.bucket or who.name
-            try:
-                allowed = await self._limiter.hit(item, bucket)
-                reset_time = None if allowed else (await self._limiter.get_window_stats(item, bucket)).reset_time
-            except REDIS_ERRORS as e:
-                self._note_down(e)
-            else:
-                self._note_up()
-                if reset_time is not None:
-                    raise rate_limited(item, retry_after_s(reset_time, time.time()))
-                return
-        await self._without_redis(lambda: self._fallback.enforce_rate_limit(who))
+        await self.admit(who, None, lease=False)
 
     async def acquire(self) -> object:
-        if self._redis_ok:
-            member = f"{self._worker}:{uuid.uuid4().hex}"
-            try:
-                ok = await self._acquire(keys=[self._leases_key], args=[self.max_concurrent, member, LEASE_TTL_S])
-            except REDIS_ERRORS as e:
-                self._note_down(e)
-            else:
-                self._note_up()
-                if not ok:
-                    raise concurrency_exceeded(self.max_concurrent)
-                self._held.add(member)
-                return ("redis", member)
-        await self._without_redis(self._fallback.acquire)
-        return LOCAL_SLOT
+        return await self.admit(None, None, lease=True)
 
     async def release(self, slot: object) -> None:
-        where, member = slot  # type: ignore[misc]
-        if where == "local":
-            await self._fallback.release(None)
-            return
-        self._held.discard(member)
-        try:
-            await self.redis.zrem(self._leases_key, member)
-        except REDIS_ERRORS as e:  # the lease expires by itself
-            self._note_down(e)
+        if isinstance(slot, Pass):
+            self.finish(slot)
 
     def in_flight(self) -> int:
         return len(self._held) + self._fallback.in_flight()
@@ -206,20 +373,45 @@ class RedisAdmission:
             if not self._held:
                 continue
             try:
-                await self._renew(keys=[self._leases_key], args=[LEASE_TTL_S, *self._held])
+                await self.client.call_script(RENEW, [self._leases_key], [LEASE_TTL_S, *self._held])
             except REDIS_ERRORS as e:
                 self._note_down(e)
 
     async def _revoked_loop(self) -> None:
         while True:
             try:
-                members = await self.redis.smembers(revoked_set_key())
+                members = await self.client.call(b"SMEMBERS", revoked_set_key())
                 self.revoked_hashes = frozenset(m.decode() if isinstance(m, bytes) else m for m in members)
-                await self.redis.ping()
                 self._note_up()
             except REDIS_ERRORS as e:
                 self._note_down(e)
             await asyncio.sleep(REVOKED_POLL_S)
+
+
+class RedisTokens:
+    """TokenGate's limiter with Redis: the check is part of RedisAdmission.admit; charges are batched."""
+
+    def __init__(self, admission: RedisAdmission) -> None:
+        self.admission = admission
+
+    async def admit(self, bucket: str, limit: TokenLimit) -> tuple[Ticket | None, float]:
+        who = Identity(bucket, "", bucket=bucket)
+        try:
+            admitted = await self.admission.admit(who, limit, lease=False, rate=False)
+        except Exception as e:  # noqa: BLE001 - the 429's Retry-After, or Redis down (raised on)
+            if getattr(e, "code", None) == "token_limit_exceeded":
+                return None, float(dict(e.headers).get(b"retry-after", b"1"))  # type: ignore[attr-defined]
+            raise
+        return admitted.ticket, 0.0
+
+    def settle_later(self, ticket: Ticket, tokens: int, on_failure: Callable[[], None]) -> None:
+        self.admission.settle_later(ticket, tokens, on_failure)
+
+    async def settle(self, ticket: Ticket, tokens: int) -> None:
+        self.admission.settle_later(ticket, tokens, lambda: None)
+
+    async def close(self) -> None:
+        return None
 
 
 def limits_storage_uri(url: str) -> str:

@@ -13,9 +13,12 @@ so the tokens admitted in a window exceed the limit by about one request's own t
 only when requests in flight are much larger than the average). A key refused with budget left
 only because of requests in flight gets Retry-After: 1.
 
-`MemoryTokenLimiter` holds the windows in this process (WORKERS=1); `RedisTokenLimiter` in Redis,
-one Lua script per admission and one per answer, each atomic, with Redis's clock, so every
-worker and instance shares the same window exactly.
+`MemoryTokenLimiter` holds the windows in this process (WORKERS=1, and Redis's fail-open fallback);
+with Redis (redis_admission.py) the check and the in-flight mark are part of the admission's one Lua
+script, and the charges of answered requests go out in batches (one script call per turn of the
+event loop), each atomic, with Redis's clock, so every worker and instance shares the same window
+exactly. The layout in Redis: a hash `erproxy:tokens:BUCKET:WINDOW` (fields used, n, f) and
+`erproxy:tokens:BUCKET:last`.
 """
 
 from __future__ import annotations
@@ -117,18 +120,25 @@ class MemoryTokenLimiter:
         for k in [k for k in self.windows if k[1] < window - 1]:
             del self.windows[k]
 
-    async def admit(self, bucket: str, limit: TokenLimit) -> tuple[Ticket | None, float]:
+    def decide(self, bucket: str, limit: TokenLimit) -> tuple[Ticket | None, float, list[int] | None]:
+        """(ticket, 0, its window) when admitted, else (None, seconds to wait, None); marks nothing in
+        flight: the caller adds 1 to the window's third field once the request is admitted."""
         now = self.clock()
         window = int(now // limit.period)
         w = self._w(bucket, window)
         used, answered, in_flight = w
         average = used / answered if answered else self.last.get(bucket, 0)
         if used >= limit.amount:
-            return None, (window + 1) * limit.period - now
+            return None, (window + 1) * limit.period - now, None
         if used + in_flight * average >= limit.amount:
-            return None, 1.0
-        w[2] += 1
-        return Ticket(bucket, window, limit.period, "local"), 0.0
+            return None, 1.0, None
+        return Ticket(bucket, window, limit.period, "local"), 0.0, w
+
+    async def admit(self, bucket: str, limit: TokenLimit) -> tuple[Ticket | None, float]:
+        ticket, retry, w = self.decide(bucket, limit)
+        if w is not None:
+            w[2] += 1
+        return ticket, retry
 
     async def settle(self, ticket: Ticket, tokens: int) -> None:
         self.settle_now(ticket, tokens)
@@ -148,76 +158,9 @@ class MemoryTokenLimiter:
         return None
 
 
-# KEYS[1] = the window's hash, KEYS[2] = the key's last answer; ARGV = limit, period.
-# Returns {1, 0, window} when admitted, else {0, retry_after_ms, window}.
-ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local period = tonumber(ARGV[2])
-local window = math.floor(now / period)
-local key = KEYS[1] .. ':' .. window
-local v = redis.call('HMGET', key, 'used', 'n', 'f')
-local used, n, f = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
-local limit = tonumber(ARGV[1])
-if used >= limit then
-  return {0, math.floor(((window + 1) * period - now) * 1000), window}
-end
-local avg = 0
-if n > 0 then avg = used / n else avg = tonumber(redis.call('GET', KEYS[2]) or '0') end
-if used + f * avg >= limit then
-  return {0, 1000, window}
-end
-redis.call('HINCRBY', key, 'f', 1)
-redis.call('EXPIRE', key, period * 2 + 60)
-return {1, 0, window}
-"""
-# KEYS[1] = the window hash prefix, KEYS[2] = last answer; ARGV = admitted window, period, tokens.
-SETTLE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local period = tonumber(ARGV[2])
-local admitted = KEYS[1] .. ':' .. ARGV[1]
-local f = tonumber(redis.call('HGET', admitted, 'f') or '0')
-if f > 0 then redis.call('HINCRBY', admitted, 'f', -1) end
-local tokens = tonumber(ARGV[3])
-if tokens > 0 then
-  local key = KEYS[1] .. ':' .. math.floor(now / period)
-  redis.call('HINCRBY', key, 'used', tokens)
-  redis.call('HINCRBY', key, 'n', 1)
-  redis.call('EXPIRE', key, period * 2 + 60)
-  redis.call('SET', KEYS[2], tokens, 'EX', 86400)
-end
-return 1
-"""
-
-
-class RedisTokenLimiter:
-    """Token windows in Redis: one window per key shared by every worker and instance."""
-
-    def __init__(self, redis: Any, prefix: str = "erproxy:tokens") -> None:
-        self.redis = redis
-        self.prefix = prefix
-        self._admit = redis.register_script(ADMIT)
-        self._settle = redis.register_script(SETTLE)
-
-    def _keys(self, bucket: str) -> list[str]:
-        return [f"{self.prefix}:{bucket}", f"{self.prefix}:{bucket}:last"]
-
-    async def admit(self, bucket: str, limit: TokenLimit) -> tuple[Ticket | None, float]:
-        ok, retry_ms, window = await self._admit(keys=self._keys(bucket), args=[limit.amount, limit.period])
-        if not ok:
-            return None, int(retry_ms) / 1000
-        return Ticket(bucket, int(window), limit.period, "redis"), 0.0
-
-    async def settle(self, ticket: Ticket, tokens: int) -> None:
-        await self._settle(keys=self._keys(ticket.bucket), args=[ticket.window, ticket.period, tokens])
-
-    async def close(self) -> None:
-        return None
-
-
 class TokenGate:
-    """What the gateway calls: `admit` before the body is read, `settle` in the record step."""
+    """Each key's limit (`limits`), and `settle` in the record step. The gateway admits through its
+    Admission (one call for every gate); `admit` here checks the token limit alone."""
 
     def __init__(self, limits: TokenLimits, limiter: Any, *, fallback: MemoryTokenLimiter | None = None,
                  fail_open: bool = False, on_failure: Callable[[], None] | None = None,
@@ -256,6 +199,10 @@ class TokenGate:
         limiter = self.fallback if ticket.where == "local" and self.fallback is not None else self.limiter
         if isinstance(limiter, MemoryTokenLimiter):  # no I/O: at once, so the next admission sees it
             limiter.settle_now(ticket, tokens)
+            return
+        later = getattr(limiter, "settle_later", None)
+        if later is not None:  # Redis: queued, sent with the next batch; failures counted by on_failure
+            later(ticket, tokens, self.on_failure)
             return
         task = asyncio.get_running_loop().create_task(self._settle(limiter, ticket, tokens))
         self._tasks.add(task)

@@ -1,0 +1,283 @@
+"""Admission through a real redis-server in one round trip: one ADMIT script per request (rate limit, token
+limit and lease together), releases and token charges batched and never waited for by the request,
+leases of a crashed worker freed by expiry, the gates' order and what a refusal takes (the same in
+this process and in Redis), `limits`' moving-window layout kept."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import redis
+
+from erproxy import redis_admission as ra
+from erproxy.admission import MemoryAdmission
+from erproxy.errors import ApiError
+from erproxy.keys import Identity
+from erproxy.token_limits import parse_token_limit
+from tests.procs import ROOT, RedisServer
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+BODY = {"input": "one two three four five six seven eight"}  # the fake counts 10 prompt tokens
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = RedisServer(tmp_path).start()
+    yield s
+    s.stop()
+
+
+class Relay:
+    """A TCP relay in front of Redis whose gateway-to-Redis direction can be held (a Redis out of reach)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.open = asyncio.Event()
+        self.open.set()
+        self.server: asyncio.AbstractServer | None = None
+        self.url = ""
+
+    async def start(self) -> "Relay":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event | None) -> None:
+            try:
+                while data := await src.read(65536):
+                    if gate is not None:
+                        await gate.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, self.open), pump(up_reader, writer, None))
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def wait_for(check, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
+def token_window(r: redis.Redis) -> dict[bytes, bytes]:
+    [key] = [k for k in r.keys("erproxy:tokens:*") if not k.endswith(b":last")]
+    return r.hgetall(key)
+
+
+async def test_each_request_is_one_admission_script_and_the_rest_is_batched(make_gateway, server):
+    gw = await make_gateway(REDIS_URL=server.url, RATE_LIMIT="1000/minute", TOKEN_LIMIT="100000/hour")
+    r = redis.Redis.from_url(server.url)
+    seen: list[dict] = []
+    ready = threading.Event()
+
+    def monitor() -> None:
+        with r.monitor() as m:
+            ready.set()
+            while True:
+                cmd = m.next_command()
+                if "stop-monitor" in cmd["command"]:
+                    return
+                seen.append(cmd)
+
+    thread = threading.Thread(target=monitor)
+    thread.start()
+    ready.wait(5)
+    await asyncio.sleep(0.1)
+    tokens = 0
+    for _ in range(6):
+        answer = await gw.post("/v1/embeddings", json=BODY, headers=gw.auth())
+        assert answer.status_code == 200
+        tokens += answer.json()["usage"]["prompt_tokens"]
+    for _ in range(3):
+        assert (await gw.get("/v1/models", headers=gw.auth())).status_code == 200
+    await asyncio.sleep(0.1)  # the last release and charge go out with the next write
+    r.echo("stop-monitor")
+    thread.join(5)
+
+    client = gw.app.admission.client
+    port = client._proto.transport.get_extra_info("sockname")[1]
+    ours = [c["command"] for c in seen if str(c.get("client_port")) == str(port)]
+    admits = [c for c in ours if c.startswith(f"EVALSHA {ra.ADMIT.sha.decode()}")]
+    settles = [c for c in ours if c.startswith(f"EVALSHA {ra.SETTLE.sha.decode()}")]
+    releases = [c for c in ours if c.startswith("ZREM")]
+    assert len(admits) == 9  # one script per request, POST or GET: the request's only round trip
+    assert 1 <= len(settles) <= 6 and 1 <= len(releases) <= 9
+    others = {c.split()[0] for c in ours} - {"EVALSHA", "ZREM"}
+    assert others <= {"SMEMBERS", "PING"}, others  # the revocation poll, nothing per request
+    # no other connection touches the limits (the `limits` library's scripts, lease commands of old)
+    assert not [c for c in seen if str(c.get("client_port")) != str(port) and c.get("client_type") != "lua"
+                and ("LIMITS:" in c["command"] or "erproxy:inflight" in c["command"]
+                     or "erproxy:tokens" in c["command"])]
+    window = token_window(r)
+    assert int(window[b"used"]) == tokens and int(window[b"n"]) == 6 and int(window[b"f"]) == 0
+    assert r.zcard("erproxy:inflight") == 0
+
+
+async def test_the_answer_does_not_wait_for_the_release_or_the_token_charge(make_gateway, fakes, server):
+    relay = await Relay(server.port).start()
+    slow = await fakes.start("embed", delay=0.6)
+    gw = await make_gateway(embed=slow.url, REDIS_URL=relay.url, TOKEN_LIMIT="100000/hour")
+    r = redis.Redis.from_url(server.url)
+    try:
+        started = time.monotonic()
+        request = asyncio.create_task(gw.post("/v1/embeddings", json=BODY, headers=gw.auth()))
+        await wait_for(lambda: r.zcard("erproxy:inflight") == 1)  # admitted, now at the upstream
+        relay.open.clear()  # from now on nothing the gateway sends reaches Redis
+        answer = await asyncio.wait_for(request, 5)
+        assert answer.status_code == 200
+        assert time.monotonic() - started < 0.6 + 1.0  # the upstream's delay, not Redis's 2 s reply timeout
+        assert r.zcard("erproxy:inflight") == 1 and int(token_window(r)[b"f"]) == 1  # neither reached Redis
+        relay.open.set()
+        await wait_for(lambda: r.zcard("erproxy:inflight") == 0 and int(token_window(r)[b"f"]) == 0)
+        assert int(token_window(r)[b"used"]) == answer.json()["usage"]["prompt_tokens"]
+    finally:
+        relay.open.set()
+        await relay.stop()
+
+
+async def test_releases_of_one_turn_of_the_loop_go_out_as_one_command(server):
+    adm = ra.RedisAdmission(server.url, "1000/minute", 100)
+    r = redis.Redis.from_url(server.url)
+    await adm.start()
+    try:
+        who = Identity("k", "er-k", bucket="b1")
+        r.config_resetstat()
+        passes = await asyncio.gather(*(adm.admit(who) for _ in range(50)))
+        assert r.zcard("erproxy:inflight") == 50 and adm.in_flight() == 50
+        for p in passes:
+            adm.finish(p)  # returns at once: nothing awaited
+        assert adm.in_flight() == 0
+        await wait_for(lambda: r.zcard("erproxy:inflight") == 0)
+        stats = r.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 50 and stats["cmdstat_zrem"]["calls"] == 1
+    finally:
+        await adm.close()
+
+
+async def test_a_cancelled_admission_gives_back_what_it_took(server):
+    adm = ra.RedisAdmission(server.url, "1000/minute", 5)
+    r = redis.Redis.from_url(server.url)
+    await adm.start()
+    try:
+        who = Identity("k", "er-k", bucket="b2")
+        limit = parse_token_limit("1000/hour")
+        task = asyncio.create_task(adm.admit(who, limit))
+        await asyncio.sleep(0)  # the script is queued (and will run)...
+        task.cancel()  # ... but its caller is gone before the answer
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        assert r.zcard("erproxy:inflight") == 0 and adm.in_flight() == 0
+        assert int(token_window(r).get(b"f", 0)) == 0
+    finally:
+        await adm.close()
+
+
+CRASHER = """
+import asyncio, sys
+from erproxy import redis_admission as ra
+ra.LEASE_TTL_S, ra.RENEW_EVERY_S = 1.0, 0.25
+
+async def main():
+    adm = ra.RedisAdmission(sys.argv[1], "1000/minute", 1)
+    await adm.start()
+    await adm.acquire()
+    print("admitted", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_crashed_workers_lease_expires_and_a_live_ones_is_renewed(server, monkeypatch):
+    monkeypatch.setattr(ra, "LEASE_TTL_S", 1.0)
+    worker = subprocess.Popen([sys.executable, "-c", CRASHER, server.url], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    adm = ra.RedisAdmission(server.url, "1000/minute", 1)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "admitted"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.5:  # well past the TTL: the live worker renews its lease
+            with pytest.raises(ApiError) as e:
+                await adm.acquire()
+            assert e.value.code == "concurrency_limit_exceeded"
+            await asyncio.sleep(0.2)
+        worker.kill()  # a crash: no release, no more renewals
+        worker.wait()
+        killed = time.monotonic()
+        while True:
+            try:
+                slot = await adm.acquire()
+                break
+            except ApiError as e:
+                assert e.code == "concurrency_limit_exceeded"
+                assert time.monotonic() - killed < 3, "the dead worker's lease never expired"
+                await asyncio.sleep(0.1)
+        assert time.monotonic() - killed <= 1.0 + 0.5  # within its TTL of its last renewal
+        await adm.release(slot)
+    finally:
+        worker.kill()
+        await adm.close()
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+async def test_gates_in_order_and_a_refusal_takes_only_its_rate_hit(where, server):
+    r = redis.Redis.from_url(server.url)
+    adm = MemoryAdmission("3/minute", 1) if where == "memory" else ra.RedisAdmission(server.url, "3/minute", 1)
+    await adm.start()
+    who = Identity("k", "er-k", bucket="b3")
+    limit = parse_token_limit("10/hour")
+
+    def in_flight_tokens() -> int:
+        if where == "memory":
+            return sum(w[2] for w in adm.tokens.windows.values())
+        return int(token_window(r).get(b"f", 0))
+
+    try:
+        first = await adm.admit(who, limit)
+        assert first.ticket is not None and in_flight_tokens() == 1
+        with pytest.raises(ApiError) as e:  # the only slot is taken (tokens: 0 of 10 used)
+            await adm.admit(who, limit)
+        assert e.value.code == "concurrency_limit_exceeded"
+        assert in_flight_tokens() == 1  # the refused request left no mark in the token window
+        adm.finish(first)
+        if where == "memory":
+            adm.tokens.settle_now(first.ticket, 10)
+        else:
+            adm.settle_later(first.ticket, 10, lambda: None)
+            await asyncio.sleep(0.05)
+        assert in_flight_tokens() == 0
+        with pytest.raises(ApiError) as e:  # 10 of 10 tokens used
+            await adm.admit(who, limit)
+        assert e.value.code == "token_limit_exceeded"
+        with pytest.raises(ApiError) as e:  # three hits so far, refused ones included: the rate limit
+            await adm.admit(who, limit)
+        assert e.value.code == "rate_limit_exceeded" and "3 per 1 minute" in e.value.message
+        retry = int(dict(e.value.headers)[b"retry-after"])
+        assert 58 <= retry <= 60
+        assert adm.in_flight() == 0
+        if where == "redis":  # `limits`' own moving-window layout: a list of the hit times, newest first
+            [key] = r.keys("LIMITS:LIMITER/b3/3/1/minute")
+            hits = [float(x) for x in r.lrange(key, 0, -1)]
+            assert len(hits) == 3 and hits == sorted(hits, reverse=True) and 0 < r.ttl(key) <= 60
+            assert abs(hits[0] - time.time()) < 5
+    finally:
+        await adm.close()
