@@ -53,6 +53,12 @@ TARGET_ADDED_P99_MS = 1.0
 TARGET_VS_NGINX = 0.5
 TARGET_VS_LITELLM = 50.0
 TARGET_RSS_MB = 150.0
+# Issue 15 ("fast at the seed's scale"): per core, the gateway with every feature on against the bare floor
+TARGET_VS_FLOOR = 0.9        # throughput at 32 and 256 connections
+TARGET_P99_VS_FLOOR = 1.5    # p99 at 256 connections, at most this multiple of the floor's
+TARGET_P50_OVER_FLOOR_MS = 0.1  # p50 at 1 connection, at most this much above the floor's
+TARGET_REDIS_VS_1W = 0.85    # 2 workers + Redis on one core, against one worker without Redis
+TARGET_4W_VS_1W = 1.7        # 4 workers on 2 cores, against one worker on one core
 
 
 def log(msg: str) -> None:
@@ -323,6 +329,10 @@ class Bench:
         self._start_gateway(t, "gateway-2w-redis", self.gateway_env(
             self.upstream_url, WORKERS="2", REDIS_URL=f"redis://127.0.0.1:{rport}/0"))
 
+    def start_gateway4(self, t: Target) -> None:
+        t.note = "4 workers (private Redis) on cores 0 and 1; wrk shares core 1, the upstream core 0"
+        self._start_gateway(t, "gateway-4w-2cores", self.gateway_env(self.upstream_url, WORKERS="4"), cpu="0,1")
+
     def start_bare(self, t: Target) -> None:
         port = free_port()
         t.proc = self.procs.start("bare", [str(VENV_PY), str(BENCH / "bare_passthrough.py"), "--port", str(port),
@@ -569,6 +579,8 @@ def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     else:
         add(">= 50x LiteLLM's throughput at 32 connections", "n/a", "missing gateway or LiteLLM row at 32")
 
+    floor_checks(get, add)
+
     rss = [(r["target"], r["connections"], r["rss_max_process_mb"]) for r in rows
            if r["target"].startswith("gateway") and "rss_max_process_mb" in r]
     if rss:
@@ -578,6 +590,51 @@ def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     else:
         add("RSS <= 150 MB per worker", "n/a", "no gateway row")
     return checks
+
+
+def floor_checks(get: Callable[[str, int], dict[str, Any] | None], add: Callable[[str, str, str], None]) -> None:
+    """Issue 15's goals: the gateway's features at the bare floor's cost, and how workers scale."""
+    gw, floor = "gateway-1w", "bare"
+    for c in (32, 256):
+        g, f = get(gw, c), get(floor, c)
+        name = f"features at the floor's cost: gateway >= {TARGET_VS_FLOOR:g}x the bare floor at {c} connections"
+        if g and f and f["rps"]:
+            ratio = g["rps"] / f["rps"]
+            add(name, "met" if ratio >= TARGET_VS_FLOOR else "not met",
+                f"gateway {g['rps']:.0f} req/s vs floor {f['rps']:.0f} req/s = {ratio:.2f}x")
+        else:
+            add(name, "n/a", "missing gateway-1w or bare row")
+    g, f = get(gw, 256), get(floor, 256)
+    name = f"p99 at 256 connections <= {TARGET_P99_VS_FLOOR:g}x the floor's"
+    if g and f and f["p99_ms"]:
+        ratio = g["p99_ms"] / f["p99_ms"]
+        add(name, "met" if ratio <= TARGET_P99_VS_FLOOR else "not met",
+            f"gateway {g['p99_ms']:.1f} ms vs floor {f['p99_ms']:.1f} ms = {ratio:.2f}x")
+    else:
+        add(name, "n/a", "missing gateway-1w or bare row at 256")
+    g, f = get(gw, 1), get(floor, 1)
+    name = f"p50 at 1 connection <= the floor's + {TARGET_P50_OVER_FLOOR_MS:g} ms"
+    if g and f:
+        over = g["p50_ms"] - f["p50_ms"]
+        add(name, "met" if over <= TARGET_P50_OVER_FLOOR_MS else "not met",
+            f"gateway {g['p50_ms']:.2f} ms vs floor {f['p50_ms']:.2f} ms = {over:+.2f} ms")
+    else:
+        add(name, "n/a", "missing gateway-1w or bare row at 1")
+    for other, goal, what in (("gateway-2w-redis", TARGET_REDIS_VS_1W, "2 workers + Redis on one core"),
+                              ("gateway-4w-2cores", TARGET_4W_VS_1W, "4 workers on 2 cores")):
+        name = f"{what} >= {goal:g}x one worker"
+        parts, ok, have = [], True, False
+        for c in (32, 256):
+            o, one = get(other, c), get(gw, c)
+            if o and one and one["rps"]:
+                have = True
+                ratio = o["rps"] / one["rps"]
+                ok = ok and ratio >= goal
+                parts.append(f"{c} connections: {o['rps']:.0f} vs {one['rps']:.0f} req/s = {ratio:.2f}x")
+            else:
+                ok = False
+                parts.append(f"{c}: no row")
+        add(name, ("met" if ok else "not met") if have else "n/a", "; ".join(parts))
 
 
 def _cmd(cmd: list[str]) -> str:
@@ -700,8 +757,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per row (default 10, --quick 3)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up load per target (default 2, --quick 1)")
     p.add_argument("--connections", default="1,32,256,500", help="comma-separated connection counts")
-    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w-redis,gateway-cache-hit,gateway-cache-miss,bare,nginx,litellm,split",
-                   help="comma-separated subset of: direct, gateway-1w, gateway-2w-redis, gateway-cache-hit, gateway-cache-miss, bare, "
+    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w-redis,gateway-4w-2cores,gateway-cache-hit,gateway-cache-miss,bare,nginx,litellm,split",
+                   help="comma-separated subset of: direct, gateway-1w, gateway-2w-redis, gateway-4w-2cores, gateway-cache-hit, "
+                        "gateway-cache-miss, bare, "
                         "nginx, litellm, split")
     p.add_argument("--vllm-url", help="base URL of a running vLLM embedding server for the end-to-end rows")
     p.add_argument("--vllm-connections", default="1,8", help="connection counts of the end-to-end rows")
@@ -753,6 +811,7 @@ def main(argv: list[str]) -> int:
         "direct": Target("direct", "direct (no proxy)", Bench.start_direct),
         "gateway-1w": Target("gateway-1w", "gateway, 1 worker", Bench.start_gateway1),
         "gateway-2w-redis": Target("gateway-2w-redis", "gateway, 2 workers + Redis", Bench.start_gateway2),
+        "gateway-4w-2cores": Target("gateway-4w-2cores", "gateway, 4 workers on 2 cores", Bench.start_gateway4),
         "gateway-cache-hit": Target("gateway-cache-hit", "gateway, 1 worker, cache hits", Bench.start_gateway_cache),
         "gateway-cache-miss": Target("gateway-cache-miss", "gateway, 1 worker, cache misses",
                                      Bench.start_gateway_miss),

@@ -1,0 +1,41 @@
+"""The benchmark's verdicts on issue 15's goals (bench/bench.py: target_checks) from result rows."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import bench  # noqa: E402
+
+
+def row(target: str, conns: int, rps: float, p50: float = 1.0, p99: float = 2.0) -> dict:
+    return {"target": target, "connections": conns, "rps": rps, "p50_ms": p50, "p99_ms": p99,
+            "socket_errors": 0, "non_2xx": 0, "connect_errors": 0, "read_errors": 0, "write_errors": 0,
+            "timeouts": 0}
+
+
+def verdicts(rows: list[dict]) -> dict[str, str]:
+    return {c["target"]: c["status"] for c in bench.target_checks(rows)}
+
+
+def test_the_floor_goals_are_judged_from_the_gateway_and_bare_rows() -> None:
+    rows = [row("gateway-1w", 1, 300, p50=3.05), row("bare", 1, 310, p50=3.0),
+            row("gateway-1w", 32, 3600), row("bare", 32, 4000),
+            row("gateway-1w", 256, 3500, p99=80), row("bare", 256, 4000, p99=50),
+            row("gateway-2w-redis", 32, 3000), row("gateway-2w-redis", 256, 3000),
+            row("gateway-4w-2cores", 32, 6200), row("gateway-4w-2cores", 256, 5000)]
+    v = verdicts(rows)
+    assert v["features at the floor's cost: gateway >= 0.9x the bare floor at 32 connections"] == "met"
+    assert v["features at the floor's cost: gateway >= 0.9x the bare floor at 256 connections"] == "not met"
+    assert v["p99 at 256 connections <= 1.5x the floor's"] == "not met"  # 80 / 50 = 1.6
+    assert v["p50 at 1 connection <= the floor's + 0.1 ms"] == "met"
+    assert v["2 workers + Redis on one core >= 0.85x one worker"] == "not met"  # 3000 / 3600 at 32
+    assert v["4 workers on 2 cores >= 1.7x one worker"] == "not met"  # 5000 / 3500 at 256
+
+
+def test_missing_rows_are_not_applicable_not_met() -> None:
+    v = verdicts([row("gateway-1w", 32, 3000)])
+    assert v["features at the floor's cost: gateway >= 0.9x the bare floor at 32 connections"] == "n/a"
+    assert v["4 workers on 2 cores >= 1.7x one worker"] == "n/a"
