@@ -80,24 +80,38 @@ async def read_body(req: Request, limit: int, timeout: float) -> bytes:
         raise body_too_large(limit)
     chunks: list[bytes] = []
     size = 0
+    # A timer that cancels this task, rather than asyncio.timeout(): the same deadline for less work
+    # on every request (bench/results/ANALYSIS.md).
+    task = asyncio.current_task()
+    assert task is not None
+    expired = []
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, task, expired)
     try:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await req.receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone()
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if not message.get("more_body", False):
-                    req.body_complete = True
-                if size > limit:
-                    raise body_too_large(limit)
-                chunks.append(chunk)
-                if req.body_complete:
-                    break
-    except TimeoutError:
-        raise body_too_slow(timeout) from None
+        while True:
+            message = await req.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if not message.get("more_body", False):
+                req.body_complete = True
+            if size > limit:
+                raise body_too_large(limit)
+            chunks.append(chunk)
+            if req.body_complete:
+                break
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:
+            raise body_too_slow(timeout) from None
+        raise
+    finally:
+        timer.cancel()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
 
 
 # After an answer that ends the connection (408, 413: `Connection: close`), what the client still

@@ -111,12 +111,12 @@ class AccessBatch:
 
     def __init__(self, handlers: list[logging.Handler]) -> None:
         self.handlers = handlers
-        self.pending: list[logging.LogRecord] = []
+        self.pending: list[tuple[float, str]] = []
         self.scheduled = False
         atexit.register(self.flush)
 
-    def add(self, record: logging.LogRecord) -> None:
-        self.pending.append(record)
+    def add(self, line: str) -> None:
+        self.pending.append((time.time(), line))
         if self.scheduled:
             return
         try:
@@ -127,17 +127,18 @@ class AccessBatch:
 
     def flush(self) -> None:
         self.scheduled = False
-        records, self.pending = self.pending, []
-        if not records:
+        lines, self.pending = self.pending, []
+        if not lines:
             return
+        record = logging.LogRecord(ACCESS, logging.INFO, "", 0, "", None, None)  # one, refilled per line
         for h in self.handlers:
-            if records[0].levelno < h.level:
+            if logging.INFO < h.level:
                 continue
             try:
-                text = "".join([h.format(r) + "\n" for r in records])
+                text = "".join([h.format(_refill(record, t, line)) + "\n" for t, line in lines])
             except Exception:  # noqa: BLE001
-                for r in records:
-                    h.handle(r)
+                for t, line in lines:
+                    h.handle(_refill(logging.LogRecord(ACCESS, logging.INFO, "", 0, "", None, None), t, line))
                 continue
             if isinstance(h, SharedRotatingFileHandler):
                 h.emit_text(text)
@@ -146,10 +147,19 @@ class AccessBatch:
                     h.stream.write(text)
                     h.flush()
                 except Exception:  # noqa: BLE001
-                    h.handleError(records[0])
+                    h.handleError(record)
             else:
-                for r in records:
-                    h.handle(r)
+                for t, line in lines:
+                    h.handle(_refill(logging.LogRecord(ACCESS, logging.INFO, "", 0, "", None, None), t, line))
+
+
+def _refill(record: logging.LogRecord, created: float, line: str) -> logging.LogRecord:
+    """`record` as if made for `line` at `created` (a LogRecord costs more to make than to format)."""
+    record.msg = line
+    record.created = created
+    record.msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord does (gh-89047)
+    record.relativeCreated = (created - logging._startTime) * 1000  # type: ignore[attr-defined]
+    return record
 
 
 _batch: AccessBatch | None = None
@@ -229,4 +239,4 @@ def log_access(*, who: str, method: str, route: str, model: str | None, items: i
     if _batch is None:  # logging not set up by this module (tests, embedding): the plain logger call
         access_log.info("%s", line)
     else:
-        _batch.add(logging.LogRecord(ACCESS, logging.INFO, "", 0, line, None, None))
+        _batch.add(line)

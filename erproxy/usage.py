@@ -53,8 +53,15 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 Slot = tuple[str, str, str]  # (key name, model, day)
 
 
+_DAY_CACHE: list = [-1, ""]  # [day number, its text]: every answer is counted under its day
+
+
 def utc_day(ts: float | None = None) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(time.time() if ts is None else ts))
+    t = time.time() if ts is None else ts
+    day = int(t // 86400)
+    if _DAY_CACHE[0] != day:
+        _DAY_CACHE[:] = [day, time.strftime("%Y-%m-%d", time.gmtime(day * 86400))]
+    return _DAY_CACHE[1]
 
 
 def parse_day(text: str | None, name: str) -> str | None:
