@@ -2,8 +2,8 @@
 responses parsed by httptools (the parser uvicorn uses).
 
 Why not aiohttp's client here: on this project's bench machine one aiohttp `session.post` + `read`
-costs 95-127 us of CPU against the fast fake vLLM, this client 16-21 us (bench/README.md,
-"upstream client"); that difference is most of what the gateway's features cost above the bare
+costs 95-150 us of CPU against the fast fake vLLM, this client 16-40 us (`bench/client_bench.py`
+measures both); that difference was most of what the gateway's features cost above the bare
 pass-through floor. aiohttp stays for what is off the hot path (health checks, /v1/models).
 
 What it does, and only that: POST (or GET) a body, read the whole answer (Content-Length or chunked),
