@@ -234,7 +234,7 @@ class Handlers:
             inp = doc["input"]
             texts = [inp] if isinstance(inp, str) else inp
             fields = {k: v for k, v in doc.items() if k not in ("input", "model", "encoding_format")}
-            got = await self.items.embed(req, mode, model, texts, fields, float_text=fmt != "base64")
+            got = await self.items.embed(req, mode, model, texts, fields, text=fmt or "float")
             answer = embeddings_answer(got, fmt, model)
             tokens = got.prompt_tokens
         else:

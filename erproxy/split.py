@@ -14,13 +14,23 @@ pass-through fast path. Per request:
 3. the upstream answers merged: vectors or scores by input index, usage summed (the tokens the
    upstream processed, cached items count none), the misses written to the cache.
 
-Embeddings are asked of vLLM as base64 (float32 little-endian) and kept as those bytes; a float
-answer prints each value as vLLM does (Python's repr of the float32 widened to a double).
+A /v1/embeddings answer asks vLLM for the client's own encoding_format and passes each vector's
+JSON text on as vLLM printed it: cut out of the chunk's answer as a zero-copy view (`vector_texts`),
+never parsed and printed again, so the only copy of the vectors the gateway makes is the one join
+of the merged answer. They are decoded to float32 bytes only when the cache stores them. A cached
+vector is printed in the client's format: base64 of the float32 little-endian bytes, or each value
+as vLLM prints it (Python's repr of the float32 widened to a double, `floats_json`). The dialects
+(TEI, Cohere), which need the numbers, ask vLLM for base64 and decode it.
+
+Why not always ask vLLM for base64 and print the floats here: printing 256 x 1024 float32 values as
+vLLM does costs the gateway about 15 ms of CPU in pure Python (b64decode, tolist, orjson, repr fix-ups),
+several times what cutting and joining the 5.4 MB of float text costs (bench/README.md, splitting).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 import random
 import re
@@ -96,44 +106,85 @@ class Embedded:
     id: str
     created: int
     model: str | None
-    texts: list[bytes | None] | None = None  # a vector's JSON as vLLM printed it (float answers, misses)
+    # a vector's JSON as vLLM printed it in the answer's format (float array or quoted base64), for the
+    # misses of a /v1/embeddings answer: views into the upstream's answers, joined once into the merged one
+    texts: list[bytes | memoryview | None] | None = None
+    usage: dict[str, Any] | None = None  # the first upstream answer's usage, whose shape the merged one keeps
 
 
 _HEAD = re.compile(rb'"id":"([^"]*)".*?"created":(\d+).*?"model":"((?:[^"\\]|\\.)*)"', re.S)
 _TOKENS = re.compile(rb'"prompt_tokens":(\d+)')
+_EMBEDDING = b'"embedding":'
+_CLOSE = {b"[": b"]", b'"': b'"'}  # a float array, a base64 string
 
 
-def float_texts(body: bytes, n: int) -> tuple[list[bytes], int | None, str | None, int | None, str | None] | None:
-    """vLLM's float answer for `n` inputs cut into each vector's JSON text, without parsing the numbers:
-    (texts by index, prompt_tokens, id, created, model); None when it is not shaped as expected
-    (the caller parses it then)."""
-    texts: list[bytes | None] = [None] * n
-    pos = body.find(b'"data":[')
+def vector_texts(body: bytes, n: int, encoding_format: str | None = None
+                 ) -> tuple[list[memoryview], int | None, str | None, int | None, str | None] | None:
+    """vLLM's answer for `n` inputs cut into each vector's JSON text (a float array, or a base64 string
+    with its quotes), as views into `body`, without parsing the numbers:
+    (texts by index, prompt_tokens, id, created, model); None when it is not shaped as expected, or
+    not in `encoding_format` when given (the caller parses it then)."""
+    opening = {"float": b"[", "base64": b'"'}.get(encoding_format or "")
+    texts: list[memoryview | None] = [None] * n
+    view = memoryview(body)
+    find = body.find
+    pos = find(b'"data":[')
     if pos < 0:
         return None
     for _ in range(n):
-        k = body.find(b'"index":', pos)
-        i = body.find(b'"embedding":[', pos)
+        k = find(b'"index":', pos)
+        i = find(_EMBEDDING, pos)
         if k < 0 or i < 0 or k > i:
             return None
         m = end = k + 8
         while body[end:end + 1].isdigit():
             end += 1
-        j = body.find(b"]", i)
-        if j < 0 or end == m:
+        i += 12
+        close = _CLOSE.get(body[i:i + 1])
+        if close is None or end == m or (opening is not None and body[i:i + 1] != opening):
+            return None
+        j = find(close, i + 1)
+        if j < 0 or (close == b'"' and find(b"\\", i, j) >= 0):  # an escaped base64 string: parse it
             return None
         index = int(body[m:end])
         if not 0 <= index < n or texts[index] is not None:
             return None
-        texts[index] = body[i + 12:j + 1]
+        texts[index] = view[i:j + 1]
         pos = j + 1
-    if body.find(b'"embedding":', pos) >= 0:
+    if find(_EMBEDDING, pos) >= 0:
         return None
     head = _HEAD.search(body, 0, 400)
     used = _TOKENS.search(body, pos)
     return ([t for t in texts if t is not None], int(used.group(1)) if used else None,
             head.group(1).decode() if head else None, int(head.group(2)) if head else None,
             orjson.loads(b'"' + head.group(3) + b'"') if head else None)
+
+
+float_texts = vector_texts  # the float answers' name, kept for callers and tests
+
+# vLLM's usage for an embeddings answer (0.32), printed when no upstream answer gave its own shape
+VLLM_USAGE = {"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0, "prompt_tokens_details": None,
+              "completion_tokens_details": None}
+
+
+def usage_of(body: bytes) -> dict[str, Any] | None:
+    """The `usage` object of vLLM's answer, its last member (a few bytes at the end: no full parse)."""
+    at = body.rfind(b'"usage":')
+    end = body.rfind(b"}")
+    if at < 0 or end < at:
+        return None
+    try:
+        usage = orjson.loads(body[at + 8:end])
+    except orjson.JSONDecodeError:
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def text_bytes(text: bytes | memoryview) -> bytes:
+    """The float32 little-endian bytes of a vector's JSON text (a float array or a quoted base64 string)."""
+    if text[0] == 0x22:
+        return binascii.a2b_base64(text[1:-1])
+    return from_floats(orjson.loads(text))
 
 
 @dataclass
@@ -225,23 +276,28 @@ class Items:
 
     # ---- embeddings --------------------------------------------------------------------------------
     async def embed(self, req: Request, mode: str, model: str | None, texts: list[str], fields: dict[str, Any],
-                    float_text: bool = False) -> Embedded:
+                    float_text: bool = False, text: str | None = None) -> Embedded:
         """`texts` as they go upstream (instruction applied); `fields` the other upstream fields.
 
-        `float_text`: the client wants float JSON, so the misses are asked of vLLM as float and their
-        text is passed on as vLLM printed it (no float parsing or printing unless the cache needs bytes).
+        `text` ("float" or "base64"; `float_text` is text="float"): the client's encoding_format, which the
+        misses are asked of vLLM in; their JSON text is passed on as vLLM printed it (`Embedded.texts`,
+        views into the upstream answers), decoded to float32 bytes only when the cache stores them.
+        Without it (the dialects) vLLM is asked for base64 and every vector decoded.
         """
+        if float_text:
+            text = "float"
         info = self.upstreams.model_info(model)
         keys = embedding_keys(model, info.root if info else None, texts, fields) if mode != BYPASS else None
         found = await self._lookup(req, "embedding", mode, keys, len(texts))
         missing = [i for i, v in enumerate(found) if v is None]
         tokens: int | None = 0
         rid, created, answered_model = None, None, None
-        printed: list[bytes | None] | None = [None] * len(texts) if float_text else None
+        usage: dict[str, Any] | None = None
+        printed: list[bytes | memoryview | None] | None = [None] * len(texts) if text else None
         if missing:
             healthy = self.healthy("embedding", model) if len(missing) > self.split_limits["embedding"] else 1
             parts = chunks(missing, self.split_limits["embedding"], healthy)
-            upstream_format = "float" if float_text else "base64"
+            upstream_format = text or "base64"
 
             def body_of(part: list[int]) -> bytes:
                 body = {**fields, "input": [texts[i] for i in part], "encoding_format": upstream_format}
@@ -252,16 +308,17 @@ class Items:
             resps = await self._post_chunks(req, "embedding", model, "/v1/embeddings", parts, body_of)
             fresh: list[tuple[str, bytes]] = []
             for part, resp in zip(parts, resps):
-                cut = float_texts(resp.body, len(part)) if printed is not None else None
+                cut = vector_texts(resp.body, len(part), upstream_format) if printed is not None else None
                 if cut is not None and printed is not None:
                     vtexts, used, chunk_id, chunk_created, chunk_model = cut
-                    for pos, vtext in enumerate(vtexts):
-                        printed[part[pos]] = vtext
-                        if keys is not None:
-                            raw = from_floats(orjson.loads(vtext))
-                            found[part[pos]] = raw
-                            fresh.append((keys[part[pos]], raw))
+                    for at, vtext in zip(part, vtexts):
+                        printed[at] = vtext
+                    if keys is not None:  # the cache stores float32 bytes: only then are the vectors decoded
+                        for at, vtext in zip(part, vtexts):
+                            raw = found[at] = text_bytes(vtext)
+                            fresh.append((keys[at], raw))
                     tokens = tokens + used if isinstance(used, int) and tokens is not None else None
+                    usage = usage or usage_of(resp.body)
                     rid, created = rid or chunk_id, created or chunk_created
                     answered_model = answered_model or chunk_model
                     continue
@@ -280,6 +337,7 @@ class Items:
                         if keys is not None:
                             fresh.append((keys[part[pos]], raw))
                     used = (doc.get("usage") or {}).get("prompt_tokens")
+                    usage = usage or (doc["usage"] if isinstance(doc.get("usage"), dict) else None)
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                     raise bad_gateway(f"The embedding upstream {resp.replica.url} answered something that is not "
                                       "an embeddings result.") from None
@@ -292,7 +350,8 @@ class Items:
             if keys is not None and fresh:
                 await self.cache.put_many(fresh)
         return Embedded(found, tokens, rid or _rand_id("embd"),
-                        created if isinstance(created, int) else int(time.time()), answered_model or model, printed)
+                        created if isinstance(created, int) else int(time.time()), answered_model or model, printed,
+                        usage)
 
     # ---- rerank ------------------------------------------------------------------------------------
     async def rerank(self, req: Request, mode: str, model: str | None, rr: RerankRequest) -> Scored:
@@ -371,8 +430,10 @@ def embeddings_answer(e: Embedded, encoding_format: str | None, model: str | Non
             text = b'"' + base64.b64encode(raw) + b'"' if b64 else floats_json(raw)
         parts += [b'{"index":', str(i).encode(), b',"object":"embedding","embedding":', text, b"}"]
     tokens = e.prompt_tokens
-    usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
-             "prompt_tokens_details": None}
+    usage = dict(e.usage or VLLM_USAGE)  # vLLM's own shape, its counts summed over the chunks
+    usage["prompt_tokens"] = tokens
+    if "total_tokens" in usage:
+        usage["total_tokens"] = tokens
     parts += [b'],"usage":', orjson.dumps(usage), b"}"]
     return b"".join(parts)
 
