@@ -12,6 +12,10 @@ every proxy in front of it. Kept deliberately tiny so that nearly all of core 0 
 With --per-item-ms X it stands in for a GPU whose time grows with the work (the splitting rows):
   POST /v1/embeddings  one vector per input (float or base64 as asked), after delay + X ms per input;
   POST /v1/rerank      a score for every document, after delay + X ms per document.
+The request is parsed (to count its items); the answer, which depends only on the item count and
+the format, is printed once per count and kept (a response template), so the fake's own printing
+costs nothing per request and its time is the per-item delay plus sending the bytes, as for a
+vLLM whose printing were free; the rows measure the gateway, not the fake.
 
 Run: python bench/fast_upstream.py --port N [--delay-ms 2] [--dim 1024] [--model bench-embed] [--per-item-ms 0]
 """
@@ -92,25 +96,37 @@ class Server:
         self.health = response("200 OK", b"", b"text/plain; charset=utf-8")
         self.not_found = response("404 Not Found", b'{"detail":"Not Found"}')
         self.bad = response("400 Bad Request", b'{"detail":"Bad Request"}')
+        self.printed: dict[tuple[str, int, bool], bytes] = {}  # per-item answers by (path, items, base64)
 
     def per_item(self, path: str, body: bytes) -> tuple[float, bytes]:
         """(delay, answer) of the per-item mode: one vector per input, a score per document."""
         doc = json.loads(body)
         if path == "/v1/rerank":
-            docs = doc.get("documents") or []
-            results = [{"index": i, "relevance_score": ((i * 2654435761) % 1000) / 1000.0} for i in range(len(docs))]
+            n = len(doc.get("documents") or [])
+            key = (path, n, False)
+        else:
+            inputs = doc.get("input")
+            n = 1 if isinstance(inputs, str) else len(inputs or [])
+            key = (path, n, doc.get("encoding_format") == "base64")
+        answer = self.printed.get(key)
+        if answer is None:
+            if len(self.printed) > 64:
+                self.printed.clear()
+            answer = self.printed[key] = response("200 OK", self.print_answer(*key))
+        return self.delay_s + self.per_item_s * n, answer
+
+    def print_answer(self, path: str, n: int, b64: bool) -> bytes:
+        """vLLM's compact JSON answer for `n` items (vLLM 0.32's shape)."""
+        if path == "/v1/rerank":
+            results = [{"index": i, "relevance_score": ((i * 2654435761) % 1000) / 1000.0} for i in range(n)]
             results.sort(key=lambda r: -r["relevance_score"])
-            out = json.dumps({"id": "score-bench", "model": self.model, "results": results,
-                              "usage": {"prompt_tokens": 4 * len(docs), "total_tokens": 4 * len(docs)}}).encode()
-            return self.delay_s + self.per_item_s * len(docs), response("200 OK", out)
-        inputs = doc.get("input")
-        n = 1 if isinstance(inputs, str) else len(inputs or [])
-        emb = self.vector_b64 if doc.get("encoding_format") == "base64" else self.vector_json
+            return json.dumps({"id": "score-bench", "model": self.model, "results": results,
+                               "usage": {"prompt_tokens": 4 * n, "total_tokens": 4 * n}}).encode()
+        emb = self.vector_b64 if b64 else self.vector_json
         data = ",".join(f'{{"index":{i},"object":"embedding","embedding":{emb}}}' for i in range(n))
-        out = (f'{{"id":"embd-bench","object":"list","created":0,"model":"{self.model}","data":[{data}],'
-               f'"usage":{{"prompt_tokens":{4 * n},"total_tokens":{4 * n},"completion_tokens":0,'
-               f'"prompt_tokens_details":null}}}}').encode()
-        return self.delay_s + self.per_item_s * n, response("200 OK", out)
+        return (f'{{"id":"embd-bench","object":"list","created":0,"model":"{self.model}","data":[{data}],'
+                f'"usage":{{"prompt_tokens":{4 * n},"total_tokens":{4 * n},"completion_tokens":0,'
+                f'"prompt_tokens_details":null,"completion_tokens_details":null}}}}').encode()
 
 
 class HTTP(asyncio.Protocol):

@@ -4,14 +4,21 @@ bench/fast_upstream.py in its per-item mode (its answer comes `--per-item-ms` la
 GPU's would). Requests are sent one after another for the row's duration; the goal is 2 replicas
 taking at most 0.6x the time of one (SPLIT_EMBEDDING_INPUTS / SPLIT_RERANK_DOCUMENTS = 32, the cache
 off so every request reaches the upstreams).
+
+Pinning, the same for the 1- and the 2-replica rows: the gateway on the proxy core (core 0), the fake
+replicas on the load core (core 1, BENCH_LOAD_CPU) with this driver, which waits while they work. A
+deployment has each replica on its own GPU host; what is measured is the gateway, so its core is
+its own, as in the other rows. The client keeps one connection (as an SDK does) and reads each
+answer into one reused buffer; the warm-up answer is checked (one vector or score per item).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import statistics
 import time
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -21,6 +28,7 @@ if TYPE_CHECKING:
     from bench import Bench
 
 GOAL_RATIO = 0.6
+REPLICA_CPU = os.environ.get("BENCH_LOAD_CPU", "1")  # bench.py's LOAD_CPU: the fake replicas and this driver
 CASES = (  # (name, path, body, per-item ms of the fake upstream)
     ("embeddings, 256 inputs", "/v1/embeddings",
      {"model": "bench-embed", "input": [f"input number {i}" for i in range(256)]}, 0.5),
@@ -29,15 +37,43 @@ CASES = (  # (name, path, body, per-item ms of the fake upstream)
 )
 
 
-def _post(url: str, path: str, body: bytes, token: str) -> float:
-    req = urllib.request.Request(url + path, data=body, method="POST", headers={
-        "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
-    t0 = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=30) as r:
-        r.read()
-        if r.status != 200:
-            raise RuntimeError(f"{path} answered {r.status}")
-    return time.perf_counter() - t0
+class Client:
+    """One keep-alive connection to the gateway; each answer read whole into one reused buffer."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        self.buf = bytearray(1 << 20)
+
+    def post(self, path: str, body: bytes) -> tuple[float, memoryview]:
+        """(seconds from sending the request to the answer's last byte, the answer)."""
+        t0 = time.perf_counter()
+        self.conn.request("POST", path, body=body, headers=self.headers)
+        r = self.conn.getresponse()
+        length = r.getheader("content-length")
+        if r.status != 200 or length is None:
+            raise RuntimeError(f"{path} answered {r.status}: {r.read()[:300]!r}")
+        n = int(length)
+        if n > len(self.buf):
+            self.buf = bytearray(n)
+        view = memoryview(self.buf)[:n]
+        got = 0
+        while got < n:
+            k = r.readinto(view[got:])
+            if not k:
+                raise RuntimeError(f"{path}: the answer ended after {got} of {n} bytes")
+            got += k
+        return time.perf_counter() - t0, view
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _check(path: str, answer: memoryview, items: int) -> None:
+    doc = json.loads(bytes(answer))
+    got = len(doc["data"]) if path == "/v1/embeddings" else len(doc["results"])
+    if got != items:
+        raise RuntimeError(f"{path} answered {got} items for {items}")
 
 
 def split_rows(bench: "Bench", duration: float, *, python: Path, bench_dir: Path, root: Path, cpu: str,
@@ -47,14 +83,15 @@ def split_rows(bench: "Bench", duration: float, *, python: Path, bench_dir: Path
         body = json.dumps(doc).encode()
         for replicas in (1, 2):
             procs = []
-            row: dict[str, Any] = {"case": name, "replicas": replicas, "per_item_ms": per_item_ms}
+            row: dict[str, Any] = {"case": name, "replicas": replicas, "per_item_ms": per_item_ms,
+                                   "gateway_cpu": cpu, "replica_cpu": REPLICA_CPU}
             try:
                 urls = []
                 for i in range(replicas):
                     port = free_port()
                     procs.append(bench.procs.start(f"split-upstream-{i}", [
                         str(python), str(bench_dir / "fast_upstream.py"), "--port", str(port), "--delay-ms", "2",
-                        "--per-item-ms", str(per_item_ms), "--dim", "1024"]))
+                        "--per-item-ms", str(per_item_ms), "--dim", "1024"], cpu=REPLICA_CPU))
                     urls.append(f"http://127.0.0.1:{port}")
                 env = bench.gateway_env(",".join(urls), WORKERS="1", CACHE_MAX_BYTES="0",
                                         SPLIT_EMBEDDING_INPUTS="32", SPLIT_RERANK_DOCUMENTS="32")
@@ -65,11 +102,13 @@ def split_rows(bench: "Bench", duration: float, *, python: Path, bench_dir: Path
                 url = f"http://127.0.0.1:{env['PORT']}"
                 wait_until("split gateway", lambda: http("GET", url + "/health")[0] == 200, 60, gw)
                 time.sleep(1.0)  # every replica healthy (HEALTH_INTERVAL) before measuring
-                _post(url, path, body, bench.token)  # warm-up
+                client = Client(int(env["PORT"]), bench.token)
+                _check(path, client.post(path, body)[1], len(doc.get("input") or doc.get("documents")))  # warm-up
                 times = []
                 end = time.monotonic() + duration
                 while time.monotonic() < end or len(times) < 5:
-                    times.append(_post(url, path, body, bench.token))
+                    times.append(client.post(path, body)[0])
+                client.close()
                 row.update({"requests": len(times), "mean_ms": round(1000 * statistics.mean(times), 1),
                             "p50_ms": round(1000 * statistics.median(times), 1)})
             except Exception as e:  # noqa: BLE001 - recorded in the row
@@ -86,8 +125,12 @@ def split_rows(bench: "Bench", duration: float, *, python: Path, bench_dir: Path
 
 
 def markdown_rows(rows: list[dict[str, Any]]) -> list[str]:
+    gw_cpu = rows[0].get("gateway_cpu", "0") if rows else "0"
+    rep_cpu = rows[0].get("replica_cpu", REPLICA_CPU) if rows else REPLICA_CPU
     lines = ["", "## Splitting across replicas", "",
-             f"1-worker gateway, cache off, requests one after another; fake upstream per-item delay. "
+             f"1-worker gateway on core {gw_cpu}, cache off, requests one after another on one keep-alive "
+             f"connection; the fake replicas (per-item delay, each answer printed once per item count) on core "
+             f"{rep_cpu} with the client, for the 1- and the 2-replica rows alike. "
              f"Goal: 2 replicas at most {GOAL_RATIO}x the time of one.", "",
              "| request | replicas | per-item ms | requests | mean ms | p50 ms | vs 1 replica | goal |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
