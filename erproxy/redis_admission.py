@@ -3,8 +3,9 @@
 One round trip per request: the rate limit, the token limit and the concurrency lease are checked
 and taken by ONE Lua script (ADMIT), atomically, with the Redis server's clock, sent on the worker's
 one pipelined connection (resp.py: commands of concurrent requests share writes, no pool, no lock).
-What happens after the answer is never awaited by a request: lease releases (one ZREM) and token
-charges (one SETTLE script) are batched and go out with the next write.
+What happens after the answer is never awaited by a request: lease releases ride on the next ADMIT
+(its extra arguments, removed before the cap is counted) and token charges (one SETTLE script per
+batch) go out with the next write; when no write comes within BATCH_WAIT_S they go on their own.
 
 - Rate limits: `limits`' moving window and its data layout (a list of hit times, newest first, trimmed
   to the limit, under LIMITS:LIMITER/bucket/amount/multiples/unit): the same limits per key, the same
@@ -52,14 +53,18 @@ RENEW_EVERY_S = 5.0
 REVOKED_POLL_S = 0.5
 REPLY_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
+BATCH_WAIT_S = 0.002  # releases and charges wait at most this long for a write to ride on
+MAX_RIDERS = 512  # releases one ADMIT carries at most (Lua's unpack has a stack limit)
 
 # KEYS: [1] the rate window (a list of hit times, newest first), [2] the lease set, [3] the token
 # windows' prefix (+ ':' .. window), [4] the key's last answer (tokens).
 # ARGV: [1] rate limit (-1: no rate check), [2] its window in s, [3] concurrency cap (0: take no
-# lease), [4] lease ttl s, [5] token limit (0: none), [6] token period s, [7] the lease's member.
+# lease), [4] lease ttl s, [5] token limit (0: none), [6] token period s, [7] the lease's member,
+# [8..] leases this worker gives back (answered requests), removed first whatever the outcome.
 # Returns {0, 0, token window} admitted; {1, ms until a hit frees} rate limited; {2, ms, window}
 # token limited; {3, 0, 0} no free slot. A refused request takes nothing but its rate hit.
 ADMIT = Script("""
+if #ARGV > 7 then redis.call('ZREM', KEYS[2], unpack(ARGV, 8)) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local amount = tonumber(ARGV[1])
@@ -70,8 +75,7 @@ if amount >= 0 then
   if oldest and tonumber(oldest) >= now - expiry then
     return {1, math.ceil((tonumber(oldest) + expiry - now) * 1000), 0}
   end
-  redis.call('LPUSH', KEYS[1], now)
-  redis.call('LTRIM', KEYS[1], 0, amount - 1)
+  if redis.call('LPUSH', KEYS[1], now) > amount then redis.call('LTRIM', KEYS[1], 0, amount - 1) end
   redis.call('EXPIRE', KEYS[1], expiry)
 end
 local tlimit = tonumber(ARGV[5])
@@ -93,9 +97,11 @@ if tlimit > 0 then
 end
 local cap = tonumber(ARGV[3])
 if cap > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if redis.call('ZCARD', KEYS[2]) >= cap then
-    return {3, 0, 0}
+  if redis.call('ZCARD', KEYS[2]) >= cap then  -- full: drop expired leases (crashed workers'), count again
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+    if redis.call('ZCARD', KEYS[2]) >= cap then
+      return {3, 0, 0}
+    end
   end
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[7])
 end
@@ -184,8 +190,9 @@ class RedisAdmission:
         self._fallback = MemoryAdmission(rate_limit, max_concurrent)
         self.tokens = RedisTokens(self)  # TokenGate's limiter: settles into Redis in batches
         self._tails: dict[tuple[Any, ...], tuple[Any, int, bytes]] = {}
-        self._releases: list[str] = []
+        self._releases: list[str] = []  # answered requests' leases, for the next ADMIT or ZREM
         self._settles: list[tuple[Ticket, int, Callable[[], None]]] = []
+        self._batch_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.revoked_hashes: frozenset[str] = frozenset()
         self._redis_ok = True
@@ -202,6 +209,9 @@ class RedisAdmission:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
         if self._held:
             self._releases.extend(self._held)
             self._held.clear()
@@ -246,7 +256,12 @@ class RedisAdmission:
                 elif reply.__class__ is list and reply[0] == 0:  # the caller is gone: give back what it took
                     self._give_back(member, who, token_limit, int(reply[2]))
 
-            self.client.script_raw(ADMIT, nargs, tail + bulk(member), answered)
+            if self._releases and len(self._releases) <= MAX_RIDERS:  # the answered requests' leases ride along
+                riders, self._releases = self._releases, []
+                self.client.script_raw(ADMIT, nargs + len(riders),
+                                       tail + bulk(member) + b"".join(map(bulk, riders)), answered)
+            else:
+                self.client.script_raw(ADMIT, nargs, tail + bulk(member), answered)
             try:
                 code, ms, window = await fut
             except REDIS_ERRORS as e:
@@ -311,7 +326,7 @@ class RedisAdmission:
         if token_limit is not None and who is not None:
             self._settles.append((Ticket(who.bucket or who.name, window, token_limit.period, "redis"), 0,
                                   lambda: None))
-        self.client.request_flush()
+        self._arm()
 
     def finish(self, admitted: Pass) -> None:
         """Give the slot back: queued, sent with the next write (the lease expires by itself if that fails)."""
@@ -324,17 +339,29 @@ class RedisAdmission:
             return
         self._held.discard(lease)
         self._releases.append(lease)
-        self.client.request_flush()
+        if self._batch_timer is None:
+            self._arm()
 
     def settle_later(self, ticket: Ticket, tokens: int, on_failure: Callable[[], None]) -> None:
         """Charge an answered request's tokens with the next write (TokenGate.settle)."""
         self._settles.append((ticket, tokens, on_failure))
-        self.client.request_flush()
+        if self._batch_timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        """Make sure what waits for a write goes out within BATCH_WAIT_S even if no request comes."""
+        if self._batch_timer is None:
+            self._batch_timer = asyncio.get_running_loop().call_later(BATCH_WAIT_S, self._batch_due)
+
+    def _batch_due(self) -> None:
+        self._batch_timer = None
+        if self._releases or self._settles:
+            self.client.request_flush()  # runs _send_batches before it writes (not connected: at the reconnect)
 
     def _send_batches(self) -> None:
         """Just before the client writes: the releases and charges queued since its last write."""
-        if self._releases:
-            members, self._releases = self._releases, []
+        if self._releases and self._batch_timer is None or len(self._releases) > MAX_RIDERS:
+            members, self._releases = self._releases, []  # no ADMIT to ride on came in time
             self.client.send(b"ZREM", self._leases_key, *members)
         if self._settles:
             batch, self._settles = self._settles, []
