@@ -189,7 +189,10 @@ class RespClient:
 
     def _flush(self) -> None:
         for hook in self.before_flush:  # what they queue goes out in this write (no second flush scheduled)
-            hook()
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a hook's bug must not stop every later write
+                log.exception("a Redis client flush hook failed")
         self._flush_pending = False
         proto, out = self._proto, self._out
         if proto is None or not self._ready or not out or proto.transport is None:
