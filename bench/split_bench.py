@@ -1,15 +1,16 @@
 """The splitting rows of the benchmark (target `split`, see bench/README.md): a 256-input embeddings request
 and a 1,000-document rerank through a 1-worker gateway in front of 1 vs 2 replicas of
 bench/fast_upstream.py in its per-item mode (its answer comes `--per-item-ms` later per item, as a
-GPU's would). Requests are sent one after another for the row's duration; the goal is 2 replicas
-taking at most 0.6x the time of one (SPLIT_EMBEDDING_INPUTS / SPLIT_RERANK_DOCUMENTS = 32, the cache
-off so every request reaches the upstreams).
+GPU's would). The goal is 2 replicas taking at most 0.6x the time of one (SPLIT_EMBEDDING_INPUTS /
+SPLIT_RERANK_DOCUMENTS = 32, the cache off so every request reaches the upstreams).
 
-Pinning, the same for the 1- and the 2-replica rows: the gateway on the proxy core (core 0), the fake
-replicas on the load core (core 1, BENCH_LOAD_CPU) with this driver, which waits while they work. A
-deployment has each replica on its own GPU host; what is measured is the gateway, so its core is
-its own, as in the other rows. The client keeps one connection (as an SDK does) and reads each
-answer into one reused buffer; the warm-up answer is checked (one vector or score per item).
+The 1- and the 2-replica setups of a case run side by side and their requests alternate, one in
+flight at a time, so that other work on the machine slows both rows alike. Pinning, the same for
+both: the gateway on the proxy core (core 0), the fake replicas on the load core (core 1,
+BENCH_LOAD_CPU) with this driver, which waits while they work. A deployment has each replica on its
+own GPU host; what is measured is the gateway, so its core is its own, as in the other rows. The
+client keeps one connection (as an SDK does) and reads each answer into one reused buffer; the
+warm-up answers are checked (one vector or score per item).
 """
 
 from __future__ import annotations
@@ -78,46 +79,56 @@ def _check(path: str, answer: memoryview, items: int) -> None:
 
 def split_rows(bench: "Bench", duration: float, *, python: Path, bench_dir: Path, root: Path, cpu: str,
                http: Callable[..., tuple[int, Any]]) -> list[dict[str, Any]]:
+    """Per case, the 1-replica and the 2-replica setups run side by side and their requests alternate (one
+    request in flight at a time), so that other work on the machine slows both rows alike; each row gets
+    `duration` seconds of requests."""
     rows: list[dict[str, Any]] = []
     for name, path, doc, per_item_ms in CASES:
         body = json.dumps(doc).encode()
-        for replicas in (1, 2):
-            procs = []
-            row: dict[str, Any] = {"case": name, "replicas": replicas, "per_item_ms": per_item_ms,
-                                   "gateway_cpu": cpu, "replica_cpu": REPLICA_CPU}
-            try:
+        items = len(doc.get("input") or doc.get("documents"))
+        procs: list[Any] = []
+        pair = [{"case": name, "replicas": replicas, "per_item_ms": per_item_ms, "gateway_cpu": cpu,
+                 "replica_cpu": REPLICA_CPU} for replicas in (1, 2)]
+        clients: list[Client] = []
+        try:
+            for row in pair:
                 urls = []
-                for i in range(replicas):
+                for i in range(row["replicas"]):
                     port = free_port()
-                    procs.append(bench.procs.start(f"split-upstream-{i}", [
+                    procs.append(bench.procs.start(f"split-upstream-{row['replicas']}-{i}", [
                         str(python), str(bench_dir / "fast_upstream.py"), "--port", str(port), "--delay-ms", "2",
                         "--per-item-ms", str(per_item_ms), "--dim", "1024"], cpu=REPLICA_CPU))
                     urls.append(f"http://127.0.0.1:{port}")
                 env = bench.gateway_env(",".join(urls), WORKERS="1", CACHE_MAX_BYTES="0",
                                         SPLIT_EMBEDDING_INPUTS="32", SPLIT_RERANK_DOCUMENTS="32")
                 env["RERANKER_UPSTREAMS"] = env["EMBEDDING_UPSTREAMS"]
-                gw = bench.procs.start("split-gateway", [str(python), str(root / "embedding_reranker_proxy.py")],
-                                       env=env, cpu=cpu)
+                gw = bench.procs.start(f"split-gateway-{row['replicas']}",
+                                       [str(python), str(root / "embedding_reranker_proxy.py")], env=env, cpu=cpu)
                 procs.append(gw)
                 url = f"http://127.0.0.1:{env['PORT']}"
                 wait_until("split gateway", lambda: http("GET", url + "/health")[0] == 200, 60, gw)
-                time.sleep(1.0)  # every replica healthy (HEALTH_INTERVAL) before measuring
-                client = Client(int(env["PORT"]), bench.token)
-                _check(path, client.post(path, body)[1], len(doc.get("input") or doc.get("documents")))  # warm-up
-                times = []
-                end = time.monotonic() + duration
-                while time.monotonic() < end or len(times) < 5:
-                    times.append(client.post(path, body)[0])
+                clients.append(Client(int(env["PORT"]), bench.token))
+            time.sleep(1.0)  # every replica healthy (HEALTH_INTERVAL) before measuring
+            for client in clients:  # warm-up, checked
+                _check(path, client.post(path, body)[1], items)
+            times: list[list[float]] = [[], []]
+            end = time.monotonic() + 2 * duration
+            while time.monotonic() < end or len(times[1]) < 5:
+                for client, t in zip(clients, times):
+                    t.append(client.post(path, body)[0])
+            for row, t in zip(pair, times):
+                row.update({"requests": len(t), "mean_ms": round(1000 * statistics.mean(t), 1),
+                            "p50_ms": round(1000 * statistics.median(t), 1)})
+        except Exception as e:  # noqa: BLE001 - recorded in the rows
+            for row in pair:
+                row.setdefault("error", str(e)[:800])
+        finally:
+            for client in clients:
                 client.close()
-                row.update({"requests": len(times), "mean_ms": round(1000 * statistics.mean(times), 1),
-                            "p50_ms": round(1000 * statistics.median(times), 1)})
-            except Exception as e:  # noqa: BLE001 - recorded in the row
-                row["error"] = str(e)[:800]
-            finally:
-                for p in procs:
-                    bench.procs.stop(p)
-            rows.append(row)
-        one, two = rows[-2], rows[-1]
+            for p in procs:
+                bench.procs.stop(p)
+        rows += pair
+        one, two = pair
         if "mean_ms" in one and "mean_ms" in two:
             two["ratio_vs_1"] = round(two["mean_ms"] / one["mean_ms"], 2)
             two["goal_met"] = two["ratio_vs_1"] <= GOAL_RATIO
@@ -128,9 +139,9 @@ def markdown_rows(rows: list[dict[str, Any]]) -> list[str]:
     gw_cpu = rows[0].get("gateway_cpu", "0") if rows else "0"
     rep_cpu = rows[0].get("replica_cpu", REPLICA_CPU) if rows else REPLICA_CPU
     lines = ["", "## Splitting across replicas", "",
-             f"1-worker gateway on core {gw_cpu}, cache off, requests one after another on one keep-alive "
-             f"connection; the fake replicas (per-item delay, each answer printed once per item count) on core "
-             f"{rep_cpu} with the client, for the 1- and the 2-replica rows alike. "
+             f"1-worker gateway on core {gw_cpu}, cache off, one keep-alive connection, one request at a time, "
+             f"the 1- and 2-replica setups side by side with their requests alternating; the fake replicas "
+             f"(per-item delay, each answer printed once per item count) on core {rep_cpu} with the client. "
              f"Goal: 2 replicas at most {GOAL_RATIO}x the time of one.", "",
              "| request | replicas | per-item ms | requests | mean ms | p50 ms | vs 1 replica | goal |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
