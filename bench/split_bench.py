@@ -51,19 +51,22 @@ class Client:
         t0 = time.perf_counter()
         self.conn.request("POST", path, body=body, headers=self.headers)
         r = self.conn.getresponse()
-        length = r.getheader("content-length")
-        if r.status != 200 or length is None:
+        if r.status != 200:
             raise RuntimeError(f"{path} answered {r.status}: {r.read()[:300]!r}")
-        n = int(length)
-        if n > len(self.buf):
-            self.buf = bytearray(n)
-        view = memoryview(self.buf)[:n]
+        length = r.getheader("content-length")  # or chunked: http.client reads either into the buffer
+        if length is not None and int(length) >= len(self.buf):
+            self.buf = bytearray(int(length) + 65536)
         got = 0
-        while got < n:
-            k = r.readinto(view[got:])
+        while True:
+            if got == len(self.buf):
+                self.buf.extend(bytes(len(self.buf)))
+            k = r.readinto(memoryview(self.buf)[got:])
             if not k:
-                raise RuntimeError(f"{path}: the answer ended after {got} of {n} bytes")
+                break
             got += k
+        if length is not None and got != int(length):
+            raise RuntimeError(f"{path}: the answer ended after {got} of {length} bytes")
+        view = memoryview(self.buf)[:got]
         return time.perf_counter() - t0, view
 
     def close(self) -> None:
