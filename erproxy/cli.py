@@ -147,9 +147,9 @@ def serve(settings: Settings) -> int:
 def log_start(settings: Settings, keys_path: Path, active_keys: int, log_path: Path,
               private_dir: Path | None = None) -> None:
     """What the operator needs to see at start, including variables set for another server."""
-    log.info("embedding-reranker gateway starting on %s://%s:%d (workers=%d%s)",
+    log.info("embedding-reranker gateway starting on %s://%s:%d (workers=%d%s; %s)",
              "https" if settings.ssl_certfile else "http", settings.host, settings.port, settings.workers,
-             ", auto: one per CPU core" if settings.workers_auto else "")
+             ", auto: one per CPU core" if settings.workers_auto else "", protocols(settings))
     log.info("upstreams: embedding=%s reranker=%s", ",".join(settings.embedding_upstreams),
              ",".join(settings.reranker_upstreams))
     log.info("keys: %s (%d active)%s; rate limit %s per key; max %d concurrent requests; timeout %gs; "
@@ -164,8 +164,23 @@ def log_start(settings: Settings, keys_path: Path, active_keys: int, log_path: P
         log.warning("%s", ignored)
 
 
+def protocols(settings: Settings) -> str:
+    """What the port speaks, for the start line."""
+    if settings.server == "granian":
+        return "granian: HTTP/1.1 and HTTP/2 " + ("(h2 by ALPN)" if settings.ssl_certfile else "(h2c by prior knowledge)")
+    return "uvicorn: HTTP/1.1"
+
+
 def run_server(settings: Settings) -> None:
-    """uvicorn with the gateway: one process, or WORKERS processes that each build it (app_from_env)."""
+    """SERVER's server with the gateway: uvicorn in this process or WORKERS processes that each build it
+    (app_from_env); Granian always in worker processes (server.py)."""
+    if settings.server == "granian":
+        from .server import run_granian
+
+        if settings.workers > 1:
+            prepare_multiprocess_metrics(settings)
+        run_granian(settings)
+        return
     import uvicorn
 
     common = dict(

@@ -215,6 +215,9 @@ class Settings(BaseSettings):
         "1", "Worker processes sharing the port (`auto`: one per CPU core). More than 1 shares limits, revocations, "
         "cache and usage through REDIS_URL or, unset, a private redis-server the gateway starts and stops itself "
         "(socket and data in `.redis/` beside API_KEYS_FILE).")
+    server: Annotated[str, choice("uvicorn", "granian")] = knob(
+        "uvicorn", "HTTP server: uvicorn (HTTP/1.1) or granian (HTTP/1.1 and HTTP/2 on the same port: h2 by ALPN "
+        "with SSL_CERTFILE, else h2c by prior knowledge); see Server and HTTP/2.")
     timeout: Seconds = knob("600", "Seconds an upstream request may take before the client gets 504.")
     keep_alive: Seconds = knob(
         "75", "Seconds an idle client connection is kept open (idle upstream connections: at most 4 s, under vLLM's 5 s).")

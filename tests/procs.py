@@ -115,6 +115,8 @@ def gateway_env(tmp: Path, embed_urls: str, rerank_urls: str, **overrides: str) 
         # the item cache off: tests count the requests vLLM gets; tests of the cache turn it on
         "CACHE_MAX_BYTES": "0",
     })
+    if os.environ.get("ERPROXY_TEST_SERVER"):  # e.g. ERPROXY_TEST_SERVER=granian: the process tests on that server
+        env["SERVER"] = os.environ["ERPROXY_TEST_SERVER"]
     env.update(overrides)
     return env
 
