@@ -10,7 +10,6 @@ Plain calls, no middleware classes: every layer on the hot path costs throughput
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import math
 import time
@@ -38,6 +37,7 @@ from .docs import with_docs
 from .handlers import Handlers, route_table
 from .keys import KeyStore
 from .logs import log_access
+from .memory import settle_after_start
 from .metrics import Metrics
 from .routing import RouteTable
 from .settings import Settings
@@ -150,10 +150,7 @@ class Gateway:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
-                # What start-up built lives as long as the process: out of the collector's sight, so
-                # that a full collection under load does not walk it (a pause every client waits on).
-                gc.collect()
-                gc.freeze()
+                settle_after_start()  # memory.py: freed memory kept, start-up objects out of the collector's way
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.services.stop()
