@@ -4,11 +4,13 @@ Without SSL_CERTFILE the port speaks HTTP/1.1 and h2c (HTTP/2 by prior knowledge
 `curl --http2-prior-knowledge` or `httpx.Client(http2=True)` against http:// do); with it, TLS offers
 h2 and http/1.1 by ALPN. What cli.run_server does with uvicorn, this does with Granian:
 
-- WORKERS: Granian's worker processes share the port; each builds the gateway from the
-  environment (`granian_app`), as uvicorn's workers do (app.app_from_env). A supervising process
-  runs even with one worker.
+- WORKERS: Granian's worker processes share the port; each is a fresh interpreter (spawned, not
+  forked) that builds the gateway from the environment (`granian_app`), as uvicorn's workers do
+  (app.app_from_env). A supervising process runs even with one worker.
 - KEEP_ALIVE: an idle HTTP/1.1 connection is closed after KEEP_ALIVE seconds (Granian's header
-  read timeout, which also bounds how long a client may take to send a request's headers).
+  read timeout, which also bounds how long a client may take to send a request's headers). An
+  HTTP/2 connection gets a ping every KEEP_ALIVE seconds and is closed when the client stops
+  answering them; Granian has no idle timeout for HTTP/2, so a live idle one stays open.
 - SIGTERM: Granian stops accepting, closes idle connections and waits for the running requests.
   Requests still running SHUTDOWN_GRACE seconds after the signal are cancelled, so that the
   lifespan's shutdown (the last usage flush, Redis, the multiprocess metrics) still runs, as
@@ -113,7 +115,7 @@ def attach_granian_logs() -> None:
 def run_granian(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; WORKERS>1 needs PROMETHEUS_MULTIPROC_DIR set before (cli.run_server)."""
     from granian.constants import HTTPModes, Interfaces, Loops, SSLProtocols
-    from granian.http import HTTP1Settings
+    from granian.http import HTTP1Settings, HTTP2Settings
     from granian.log import LogLevels
     from granian.server import Server
 
@@ -123,6 +125,10 @@ def run_granian(settings: Settings) -> None:
         http=HTTPModes.auto,  # HTTP/1.1 and HTTP/2 (prior knowledge in clear, ALPN over TLS)
         websockets=False, backlog=2048,
         http1_settings=HTTP1Settings(header_read_timeout=max(1000, round(settings.keep_alive * 1000))),
+        # HTTP/2 has no idle timeout in Granian: a ping every KEEP_ALIVE seconds closes the connection of a
+        # client that no longer answers (gone without a FIN); live idle h2 connections stay open
+        http2_settings=HTTP2Settings(keep_alive_interval=max(1000, round(settings.keep_alive * 1000)),
+                                     keep_alive_timeout=max(1, min(20, round(settings.keep_alive)))),
         ssl_cert=Path(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_key=Path(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         ssl_protocol_min=SSLProtocols.tls12,

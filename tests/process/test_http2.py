@@ -3,6 +3,7 @@ behaviours the gateway had on uvicorn, checked again on Granian (disconnects, SI
 
 import asyncio
 import json
+import select
 import signal
 import socket
 import ssl
@@ -218,6 +219,37 @@ def test_an_idle_keep_alive_connection_is_closed_after_keep_alive(make_gateway, 
         idle = time.monotonic() - t0
     print(f"{server}: idle connection closed after {idle:.2f} s")
     assert 1.5 < idle < 4
+
+
+def test_an_h2_client_that_stops_answering_pings_is_disconnected(make_gateway):
+    """Granian has no idle timeout for HTTP/2: it pings every KEEP_ALIVE seconds instead, so the
+    connection of a client that is gone without a FIN (answers no ping) is closed, a live one kept."""
+    gw = granian(make_gateway, KEEP_ALIVE="1")
+    live, dead = H2C(int(gw.env["PORT"])), H2C(int(gw.env["PORT"]))
+    try:
+        for client in (live, dead):
+            status, _ = client.answer(client.post("/v1/embeddings", gw.key, json.dumps(BODY).encode()))
+            assert status == 200
+        t0 = time.monotonic()
+        closed = None
+        while time.monotonic() - t0 < 8 and (closed is None or time.monotonic() - t0 < closed + 2):
+            ready, _, _ = select.select([live.sock] + ([dead.sock] if closed is None else []), [], [], 0.2)
+            for sock in ready:
+                data = sock.recv(65536)
+                if sock is live.sock:  # the live client answers its pings
+                    assert data, "the live connection was closed"
+                    live.conn.receive_data(data)
+                    live.flush()
+                elif not data or any(isinstance(ev, h2.events.ConnectionTerminated)
+                                     for ev in dead.conn.receive_data(data)):  # read, never acknowledge
+                    closed = time.monotonic() - t0
+        assert closed is not None, "the silent client's connection stayed open"
+        status, _ = live.answer(live.post("/v1/embeddings", gw.key, json.dumps(BODY).encode()))
+        print(f"silent h2 client disconnected {closed:.1f} s after its answer")
+        assert status == 200 and closed < 6
+    finally:
+        live.close()
+        dead.close()
 
 
 def test_413_and_408_close_the_connection_on_granian(make_gateway):
