@@ -2,13 +2,20 @@
 metrics, logs or validation), on the same server and client stack as the gateway. The gap between
 this row and the gateway's is what the gateway's own features cost.
 
-Run: python bench/bare_passthrough.py --port P --upstream http://127.0.0.1:U
+--server granian serves the same ASGI app with Granian (the gateway's SERVER=granian);
+--server granian-rsgi serves the same pass-through through Granian's own RSGI interface, to show
+what ASGI itself costs on Granian.
+
+Run: python bench/bare_passthrough.py --port P --upstream http://127.0.0.1:U [--server uvicorn|granian|granian-rsgi]
 """
 
 import argparse
 
 import aiohttp
-import uvicorn
+
+
+def new_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=4))
 
 
 def make_app(upstream: str):
@@ -19,7 +26,7 @@ def make_app(upstream: str):
             while True:
                 msg = await receive()
                 if msg["type"] == "lifespan.startup":
-                    state["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=4))
+                    state["s"] = new_session()
                     await send({"type": "lifespan.startup.complete"})
                 else:
                     await state["s"].close()
@@ -41,10 +48,52 @@ def make_app(upstream: str):
     return app
 
 
+class RSGIPassThrough:
+    """The same pass-through as an RSGI application (Granian's native interface)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.session: aiohttp.ClientSession | None = None
+
+    def __rsgi_init__(self, loop) -> None:
+        pass
+
+    def __rsgi_del__(self, loop) -> None:
+        if self.session is not None:
+            loop.run_until_complete(self.session.close())
+
+    async def __rsgi__(self, scope, protocol) -> None:
+        if self.session is None:  # made on the worker's running loop
+            self.session = new_session()
+        body = await protocol()
+        async with self.session.post(self.upstream + scope.path, data=body,
+                                     headers={"Content-Type": "application/json"}) as r:
+            data = await r.read()
+        protocol.response_bytes(r.status, [("content-type", "application/json")], data)
+
+
+def serve_granian(port: int, upstream: str, rsgi: bool) -> None:
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    server = Server("bare_passthrough", address="127.0.0.1", port=port, loop=Loops.uvloop, websockets=False,
+                    interface=Interfaces.RSGI if rsgi else Interfaces.ASGI, log_level=LogLevels.warning,
+                    backlog=2048)
+    app = RSGIPassThrough(upstream) if rsgi else make_app(upstream)
+    server.serve(target_loader=lambda _target: app)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True)
+    p.add_argument("--server", choices=("uvicorn", "granian", "granian-rsgi"), default="uvicorn")
     a = p.parse_args()
-    uvicorn.run(make_app(a.upstream), host="127.0.0.1", port=a.port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning", proxy_headers=False)
+    if a.server == "uvicorn":
+        import uvicorn
+
+        uvicorn.run(make_app(a.upstream), host="127.0.0.1", port=a.port, loop="uvloop", http="httptools",
+                    access_log=False, log_level="warning", proxy_headers=False)
+    else:
+        serve_granian(a.port, a.upstream, rsgi=a.server == "granian-rsgi")

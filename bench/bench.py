@@ -341,6 +341,26 @@ class Bench:
         t.note = "reference floor: same uvicorn + aiohttp stack, no features"
         wait_until("bare pass-through", lambda: post_ok(t.url, ""), 20, t.proc)
 
+    def start_bare_granian(self, t: Target) -> None:
+        self._start_bare_on(t, "granian", "same ASGI pass-through served by Granian")
+
+    def start_bare_granian_rsgi(self, t: Target) -> None:
+        self._start_bare_on(t, "granian-rsgi", "same pass-through on Granian's RSGI interface")
+
+    def _start_bare_on(self, t: Target, server: str, note: str) -> None:
+        port = free_port()
+        t.proc = self.procs.start(f"bare-{server}", [str(VENV_PY), str(BENCH / "bare_passthrough.py"), "--port",
+                                                     str(port), "--upstream", self.upstream_url, "--server", server])
+        t.url = f"http://127.0.0.1:{port}"
+        t.note = note
+        wait_until(f"bare pass-through ({server})", lambda: post_ok(t.url, ""), 20, t.proc)
+
+    def start_gateway1_uvicorn(self, t: Target) -> None:
+        self._start_gateway(t, "gateway-1w-uvicorn", self.gateway_env(self.upstream_url, WORKERS="1", SERVER="uvicorn"))
+
+    def start_gateway1_granian(self, t: Target) -> None:
+        self._start_gateway(t, "gateway-1w-granian", self.gateway_env(self.upstream_url, WORKERS="1", SERVER="granian"))
+
     def start_nginx(self, t: Target) -> None:
         if not shutil.which("nginx"):
             raise RuntimeError("nginx is not installed")
@@ -816,6 +836,11 @@ def main(argv: list[str]) -> int:
         "gateway-cache-miss": Target("gateway-cache-miss", "gateway, 1 worker, cache misses",
                                      Bench.start_gateway_miss),
         "bare": Target("bare", "bare uvicorn+aiohttp pass-through", Bench.start_bare),
+        "bare-granian": Target("bare-granian", "bare Granian (ASGI)+aiohttp pass-through", Bench.start_bare_granian),
+        "bare-granian-rsgi": Target("bare-granian-rsgi", "bare Granian (RSGI)+aiohttp pass-through",
+                                    Bench.start_bare_granian_rsgi),
+        "gateway-1w-uvicorn": Target("gateway-1w-uvicorn", "gateway, 1 worker, uvicorn", Bench.start_gateway1_uvicorn),
+        "gateway-1w-granian": Target("gateway-1w-granian", "gateway, 1 worker, Granian", Bench.start_gateway1_granian),
         "nginx": Target("nginx", "nginx (1 worker, keep-alive)", Bench.start_nginx),
         "litellm": Target("litellm", "LiteLLM proxy (1 worker)", Bench.start_litellm),
     }
