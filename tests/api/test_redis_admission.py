@@ -144,7 +144,8 @@ async def test_the_answer_does_not_wait_for_the_release_or_the_token_charge(make
         relay.open.clear()  # from now on nothing the gateway sends reaches Redis
         answer = await asyncio.wait_for(request, 5)
         assert answer.status_code == 200
-        assert time.monotonic() - started < 0.6 + 1.0  # the upstream's delay, not Redis's 2 s reply timeout
+        # the upstream's delay, well short of what waiting for Redis would add (its reply timeout)
+        assert time.monotonic() - started < 0.6 + 0.8 * ra.REPLY_TIMEOUT_S
         assert r.zcard("erproxy:inflight") == 1 and int(token_window(r)[b"f"]) == 1  # neither reached Redis
         relay.open.set()
         await wait_for(lambda: r.zcard("erproxy:inflight") == 0 and int(token_window(r)[b"f"]) == 0)
@@ -240,7 +241,7 @@ async def test_a_crashed_workers_lease_expires_and_a_live_ones_is_renewed(server
                 assert e.code == "concurrency_limit_exceeded"
                 assert time.monotonic() - killed < 3, "the dead worker's lease never expired"
                 await asyncio.sleep(0.1)
-        assert time.monotonic() - killed <= 1.0 + 0.5  # within its TTL of its last renewal
+        assert time.monotonic() - killed <= 1.0 + 1.0  # about its TTL after its last renewal
         await adm.release(slot)
     finally:
         worker.kill()
