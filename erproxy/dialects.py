@@ -410,12 +410,9 @@ class Dialects:
                                   "embeddings result.") from None
             rid, vectors = answer.id or "", [d.embedding for d in data]
             tokens = answer.usage.prompt_tokens if answer.usage else None
-        label = model or "-"
-        self.h.metrics.inputs.labels(label).inc(len(texts))
+        self.h.metrics.observe_items("embedding", model or "-", len(texts), tokens)
         # the one place this request's upstream-processed prompt tokens are known (cached items count none)
         req.tokens = tokens or 0  # usage accounting and token limits (usage.py, token_limits.py)
-        if tokens:
-            self.h.metrics.tokens.labels(label, "embedding").inc(tokens)
         return Embedded(rid, vectors, tokens)
 
     async def tei_embed(self, req: Request) -> Response:
@@ -501,12 +498,11 @@ class Dialects:
         results = sorted(ranks, key=lambda x: x.relevance_score, reverse=True)
         if rr.top_n is not None:
             results = results[: rr.top_n]
-        label = model or "-"
-        self.h.metrics.documents.labels(label).inc(rr.items)
         # the one place this request's upstream-processed prompt tokens are known (cached items count none)
-        if isinstance(usage.get("prompt_tokens"), int):
-            req.tokens = usage["prompt_tokens"]  # usage accounting and token limits (usage.py)
-            self.h.metrics.tokens.labels(label, "reranker").inc(usage["prompt_tokens"])
+        tokens = usage.get("prompt_tokens")
+        if isinstance(tokens, int):
+            req.tokens = tokens  # usage accounting and token limits (usage.py)
+        self.h.metrics.observe_items("reranker", model or "-", rr.items, tokens if isinstance(tokens, int) else None)
         return Ranked(rid, answered or model, results, usage)
 
     async def _documents_results(self, req: Request, rr: RerankRequest, *,

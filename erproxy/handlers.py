@@ -247,10 +247,7 @@ class Handlers:
                 raise bad_gateway(f"The embedding upstream {resp.replica.url} answered something that is not JSON.")
             answer = resp.body
             tokens = prompt_tokens(resp.body)
-        label = model or "-"
-        self.metrics.inputs.labels(label).inc(parsed.items)
+        self.metrics.observe_items("embedding", model or "-", parsed.items, tokens)
         # the one place a request's upstream-processed prompt tokens are known (cached items count none)
         req.tokens = tokens or 0  # usage accounting and token limits (usage.py, token_limits.py)
-        if tokens:
-            self.metrics.tokens.labels(label, "embedding").inc(tokens)
         return Response(200, answer)

@@ -3,6 +3,11 @@
 With WORKERS > 1 the serve command points PROMETHEUS_MULTIPROC_DIR at an empty directory before
 the workers start; every worker writes its samples there and a scrape of any worker aggregates
 all of them (gauges as the sum or max over live workers).
+
+The per-request samples (requests, durations, upstream times, inputs, tokens, requests in flight)
+are added up in plain dicts and handed to prometheus_client once per event-loop turn (`Pending`),
+and before every scrape: each prometheus_client update takes a lock, and with several workers also
+writes a shared file, which was 8-10 % of a worker's CPU under load (bench/results/ANALYSIS.md).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -33,6 +39,68 @@ REFUSALS = {"rate_limit_exceeded": "rate_limit", "concurrency_limit_exceeded": "
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 
 
+class Pending:
+    """Counter and gauge increments and histogram observations not yet given to prometheus_client.
+
+    `flush` runs once per event-loop turn (scheduled by the first sample of the turn), and at once
+    when there is no running loop.
+    """
+
+    def __init__(self) -> None:
+        self.adds: dict[Any, float] = {}  # counter or gauge child -> amount
+        self.hists: dict[Any, list[Any]] = {}  # histogram child -> [sum, count per bucket]
+        self.scheduled = False
+
+    def add(self, child: Any, amount: float = 1.0) -> None:
+        adds = self.adds
+        adds[child] = adds.get(child, 0.0) + amount
+        if not self.scheduled:
+            self._schedule()
+
+    def observe(self, child: Any, value: float) -> None:
+        acc = self.hists.get(child)
+        if acc is None:
+            acc = self.hists[child] = [0.0, [0] * len(child._upper_bounds)]
+        acc[0] += value
+        acc[1][bisect_left(child._upper_bounds, value)] += 1  # the first bucket whose bound >= value
+        if not self.scheduled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+            self.scheduled = True
+        except RuntimeError:  # no event loop: now
+            self.flush()
+
+    def flush(self) -> None:
+        self.scheduled = False
+        adds, hists = self.adds, self.hists
+        self.adds, self.hists = {}, {}
+        for child, amount in adds.items():
+            if amount:
+                child.inc(amount)
+        for child, (total, counts) in hists.items():
+            child._sum.inc(total)
+            for bucket, n in zip(child._buckets, counts):
+                if n:
+                    bucket.inc(n)
+
+
+class _PendingGauge:
+    """A gauge whose inc/dec go through Pending (the requests-in-flight gauge)."""
+
+    def __init__(self, gauge: Gauge, pending: Pending) -> None:
+        self.gauge = gauge
+        self.pending = pending
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.pending.add(self.gauge, amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.pending.add(self.gauge, -amount)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -46,8 +114,10 @@ class Metrics:
         self.overhead = Histogram("erproxy_overhead_duration_seconds",
                                   "The gateway's own time per request (total minus upstream).",
                                   ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
-        self.in_flight = Gauge("erproxy_in_flight_requests", "Requests being served now.", registry=r,
-                               multiprocess_mode="livesum")
+        self.pending = Pending()
+        self.in_flight_gauge = Gauge("erproxy_in_flight_requests", "Requests being served now.", registry=r,
+                                     multiprocess_mode="livesum")
+        self.in_flight = _PendingGauge(self.in_flight_gauge, self.pending)
         self.rejections = Counter("erproxy_rejections", "Requests refused by admission, by reason.", ["reason"],
                                   registry=r)
         self.replica_healthy = Gauge("erproxy_upstream_healthy", "1 when the replica passes health checks.",
@@ -76,18 +146,31 @@ class Metrics:
         self._request_children: dict[tuple[str, str, int, str], Any] = {}
         self._route_children: dict[str, tuple[Any, Any]] = {}
         self._upstream_children: dict[tuple[str, str], Any] = {}
+        self._item_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def observe_request(self, route: str, model: str, status: int, key: str, total: float, upstream: float) -> None:
         k = (route, model, status, key)
         counter = self._request_children.get(k)
         if counter is None:
             counter = self._request_children[k] = self.requests.labels(route, model, str(status), key)
-        counter.inc()
+        pending = self.pending
+        pending.add(counter)
         hists = self._route_children.get(route)
         if hists is None:
             hists = self._route_children[route] = (self.duration.labels(route), self.overhead.labels(route))
-        hists[0].observe(total)
-        hists[1].observe(total - upstream if total > upstream else 0.0)
+        pending.observe(hists[0], total)
+        pending.observe(hists[1], total - upstream if total > upstream else 0.0)
+
+    def observe_items(self, kind: str, model: str, items: int, tokens: int | None) -> None:
+        """Inputs embedded (kind "embedding") or documents reranked ("reranker"), and their prompt tokens."""
+        k = (kind, model)
+        children = self._item_children.get(k)
+        if children is None:
+            counter = self.inputs if kind == "embedding" else self.documents
+            children = self._item_children[k] = (counter.labels(model), self.tokens.labels(model, kind))
+        self.pending.add(children[0], items)
+        if tokens:
+            self.pending.add(children[1], tokens)
 
     def observe_refusal(self, code: str | int | None) -> None:
         """Count an error answer that is an admission refusal (rate limit or concurrency cap)."""
@@ -111,7 +194,7 @@ class Metrics:
         hist = self._upstream_children.get(k)
         if hist is None:
             hist = self._upstream_children[k] = self.upstream_duration.labels(kind, replica)
-        hist.observe(seconds)
+        self.pending.observe(hist, seconds)
 
     def refresh_replicas(self, upstreams: "Upstreams") -> None:
         for r in upstreams.all():
@@ -125,12 +208,14 @@ class Metrics:
 
     def worker_exiting(self) -> None:
         """Drop this worker's live gauges from the shared files (uvicorn replaces workers that exit)."""
+        self.pending.flush()
         if MULTIPROC:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(os.getpid())
 
     def render(self, upstreams: "Upstreams") -> tuple[bytes, str]:
+        self.pending.flush()
         self.refresh_replicas(upstreams)
         if MULTIPROC:
             from prometheus_client import multiprocess

@@ -1,0 +1,62 @@
+"""Per-request samples are handed to prometheus_client once per event-loop turn (metrics.Pending):
+what a scrape shows is exactly what direct updates would have shown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from erproxy.metrics import LATENCY_BUCKETS, Metrics
+
+
+def sample(m: Metrics, name: str, labels: dict[str, str]) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+@pytest.mark.asyncio
+async def test_a_turns_samples_reach_the_registry_at_its_end_and_add_up_exactly() -> None:
+    m = Metrics()
+    reference = CollectorRegistry()
+    direct = Histogram("direct", "d", ["route"], buckets=LATENCY_BUCKETS, registry=reference)
+    values = [0.0004, 0.001, 0.0011, 0.0025, 0.2, 7.5, 700.0]  # on bounds, between them, past the last
+    for v in values:
+        m.observe_request("/v1/embeddings", "minilm", 200, "k", v, v / 2)
+        direct.labels("/v1/embeddings").observe(v)
+    m.observe_items("embedding", "minilm", 3, 12)
+    m.in_flight.inc()
+    labels = {"route": "/v1/embeddings", "model": "minilm", "status": "200", "key": "k"}
+    assert sample(m, "erproxy_requests_total", labels) == 0.0, "nothing reaches prometheus_client mid-turn"
+    await asyncio.sleep(0)
+    assert sample(m, "erproxy_requests_total", labels) == len(values)
+    assert sample(m, "erproxy_inputs_total", {"model": "minilm"}) == 3
+    assert sample(m, "erproxy_tokens_total", {"model": "minilm", "kind": "embedding"}) == 12
+    assert sample(m, "erproxy_in_flight_requests", {}) == 1
+    for bound in [*LATENCY_BUCKETS, float("inf")]:
+        le = "+Inf" if bound == float("inf") else str(float(bound))
+        ours = sample(m, "erproxy_request_duration_seconds_bucket", {"route": "/v1/embeddings", "le": le})
+        assert ours == reference.get_sample_value("direct_bucket", {"route": "/v1/embeddings", "le": le}), le
+    assert sample(m, "erproxy_request_duration_seconds_sum", {"route": "/v1/embeddings"}) == pytest.approx(sum(values))
+
+
+@pytest.mark.asyncio
+async def test_a_scrape_includes_the_samples_of_its_own_turn() -> None:
+    m = Metrics()
+
+    class NoUpstreams:
+        def all(self) -> list:
+            return []
+
+    m.observe_upstream("embedding", "http://r1", 0.01)
+    m.observe_request("/v1/rerank", "-", 429, "k", 0.001, 0.0)
+    body, _ = m.render(NoUpstreams())  # type: ignore[arg-type]
+    assert b'erproxy_requests_total{key="k",model="-",route="/v1/rerank",status="429"} 1.0' in body
+    assert b'erproxy_upstream_duration_seconds_count{kind="embedding",replica="http://r1"} 1.0' in body
+
+
+def test_without_an_event_loop_samples_are_recorded_at_once() -> None:
+    m = Metrics()
+    m.observe_items("reranker", "bge", 10, None)
+    assert sample(m, "erproxy_documents_total", {"model": "bge"}) == 10
+    assert not sample(m, "erproxy_tokens_total", {"model": "bge", "kind": "reranker"})  # no usage: none counted
