@@ -25,6 +25,16 @@ def test_the_formatter_writes_what_logging_writes() -> None:
     assert Formatter("%(asctime)s", "%H:%M").format(dated) == logging.Formatter("%(asctime)s", "%H:%M").format(dated)
 
 
+@pytest.fixture
+def access_at_info(monkeypatch):
+    """The access logger at INFO for this test (setLevel also clears the logger's isEnabledFor cache)."""
+    before = logs.access_log.level
+    monkeypatch.setattr(logging.root.manager, "disable", 0)
+    logs.access_log.setLevel(logging.INFO)
+    yield
+    logs.access_log.setLevel(before)
+
+
 class CountingStream(io.StringIO):
     writes = 0
 
@@ -34,7 +44,7 @@ class CountingStream(io.StringIO):
 
 
 @pytest.mark.asyncio
-async def test_lines_of_one_loop_turn_go_out_in_one_write(tmp_path, monkeypatch) -> None:
+async def test_lines_of_one_loop_turn_go_out_in_one_write(tmp_path, monkeypatch, access_at_info) -> None:
     stream = CountingStream()
     console = logging.StreamHandler(stream)
     console.setFormatter(Formatter("%(name)s %(message)s"))
@@ -42,7 +52,6 @@ async def test_lines_of_one_loop_turn_go_out_in_one_write(tmp_path, monkeypatch)
     file_handler.setFormatter(Formatter("%(name)s %(message)s"))
     batch = AccessBatch([file_handler, console])
     monkeypatch.setattr(logs, "_batch", batch)
-    monkeypatch.setattr(logs.access_log, "level", logging.INFO)
     for i in range(50):
         logs.log_access(who="k", method="POST", route="/v1/embeddings", model="m", items=i, status=200,
                         latency_ms=1.25, upstream=None)
@@ -55,12 +64,11 @@ async def test_lines_of_one_loop_turn_go_out_in_one_write(tmp_path, monkeypatch)
     assert (tmp_path / "gw.log").read_text().splitlines() == lines
 
 
-def test_without_an_event_loop_a_line_is_written_at_once(monkeypatch) -> None:
+def test_without_an_event_loop_a_line_is_written_at_once(monkeypatch, access_at_info) -> None:
     stream = io.StringIO()
     console = logging.StreamHandler(stream)
     console.setFormatter(Formatter("%(message)s"))
     monkeypatch.setattr(logs, "_batch", AccessBatch([console]))
-    monkeypatch.setattr(logs.access_log, "level", logging.INFO)
     logs.log_access(who="k", method="GET", route="/v1/models", model=None, items=None, status=200,
                     latency_ms=0.5, upstream=None, note="auth=ok")
     assert stream.getvalue() == "key=k GET /v1/models model=- items=- status=200 latency_ms=0.5 upstream=- auth=ok\n"
