@@ -1,8 +1,9 @@
 """The ASGI application: `create_app(settings)` wires the parts; `Gateway` runs each request through them.
 
 A request goes, one named step each: route (routing.py: 404/405) -> authenticate (auth.py: 401)
--> rate limit (admission.py: 429) -> read the body (asgi.py: 413/408) -> concurrency slot
-(admission.py: 429) -> handler (handlers.py) -> send -> record (metrics and the access log).
+-> read the body (asgi.py: 413/408) -> admit: rate limit, token limit and concurrency slot in one
+call (admission.py, one Redis round trip with REDIS_URL: 429) -> handler (handlers.py) -> send ->
+record (metrics and the access log, batched per event-loop turn).
 Each step raises the ApiError that ends the request; `handle` turns it into the answer.
 Plain calls, no middleware classes: every layer on the hot path costs throughput (bench/).
 """
