@@ -131,6 +131,11 @@ def start_gateway(tmp: Path, env: dict[str, str], wait: bool = True, timeout: fl
         except Exception:
             proc.stop()
             raise RuntimeError(f"gateway did not start:\n{proc.output()}")
+        workers = env.get("WORKERS", "1")
+        if workers.isdigit() and int(workers) > 1:  # /health answers once the first worker is up: wait for all
+            deadline = time.monotonic() + timeout
+            while proc.output().count("Application startup complete") < int(workers) and time.monotonic() < deadline:
+                time.sleep(0.05)
     return proc
 
 
