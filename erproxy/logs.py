@@ -51,13 +51,17 @@ class SharedRotatingFileHandler(logging.FileHandler):
             self.stream.close()
             self.stream = self._open()
 
+    def _ready(self) -> None:
+        """The stream open on the current file, rotated first if it is full."""
+        if self.stream is None:
+            self.stream = self._open()
+        self._reopen_if_rotated()
+        if self.stream.tell() >= self.max_bytes:
+            self._rotate()
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if self.stream is None:
-                self.stream = self._open()
-            self._reopen_if_rotated()
-            if self.stream.tell() >= self.max_bytes:
-                self._rotate()
+            self._ready()
             super().emit(record)
         except Exception:  # noqa: BLE001
             self.handleError(record)
@@ -65,11 +69,7 @@ class SharedRotatingFileHandler(logging.FileHandler):
     def emit_text(self, text: str) -> None:
         """Several formatted lines at once (AccessBatch): one rotation check, one write, one flush."""
         try:
-            if self.stream is None:
-                self.stream = self._open()
-            self._reopen_if_rotated()
-            if self.stream.tell() >= self.max_bytes:
-                self._rotate()
+            self._ready()
             self.stream.write(text)
             self.stream.flush()
         except Exception:  # noqa: BLE001

@@ -7,15 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.procs import set_fake_mode, start_fake
-
-
-@pytest.fixture
-def own_fakes(tmp_path):
-    embed, rerank = start_fake(tmp_path, "embed"), start_fake(tmp_path, "rerank")
-    yield embed, rerank
-    embed.stop()
-    rerank.stop()
+from tests.procs import set_fake_mode
 
 
 def post_embed(gw, **kw):

@@ -18,17 +18,9 @@ import httpx
 import pytest
 
 from erproxy import server as granian_server
-from tests.procs import gateway_env, make_key_file, set_fake_mode, start_fake, start_gateway
+from tests.procs import gateway_env, make_key_file, set_fake_mode, start_gateway
 
 BODY = {"model": "minilm", "input": "hello world"}
-
-
-@pytest.fixture
-def own_fakes(tmp_path):
-    embed, rerank = start_fake(tmp_path, "embed"), start_fake(tmp_path, "rerank")
-    yield embed, rerank
-    embed.stop()
-    rerank.stop()
 
 
 def granian(make_gateway, **env):

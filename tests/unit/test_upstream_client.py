@@ -127,32 +127,18 @@ async def test_a_refused_connection_is_connect_failed() -> None:
     assert isinstance(e.value.os_error, ConnectionRefusedError)
 
 
-async def test_a_server_closing_without_an_answer_is_connection_dropped() -> None:
-    server, url = await raw_server(b"", close=True)
+@pytest.mark.parametrize("answer, close, failure", [
+    pytest.param(b"", True, ConnectionDropped, id="closed without an answer"),
+    pytest.param(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"da', True, ConnectionDropped, id="half an answer"),
+    pytest.param(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", False, InvalidResponse, id="not HTTP"),
+])
+async def test_an_answer_that_is_not_a_whole_http_answer_is_a_typed_failure(answer, close, failure) -> None:
+    server, url = await raw_server(answer, close=close)
     client = UpstreamClient(idle_timeout=4.0)
     try:
-        with pytest.raises(ConnectionDropped):
+        with pytest.raises(failure):
             await client.post(url, "/x", b"{}", 5.0)
-    finally:
-        server.close()
-
-
-async def test_a_half_answer_is_connection_dropped() -> None:
-    server, url = await raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"da", close=True)
-    client = UpstreamClient(idle_timeout=4.0)
-    try:
-        with pytest.raises(ConnectionDropped):
-            await client.post(url, "/x", b"{}", 5.0)
-    finally:
-        server.close()
-
-
-async def test_an_answer_that_is_not_http_is_invalid_response() -> None:
-    server, url = await raw_server(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-    client = UpstreamClient(idle_timeout=4.0)
-    try:
-        with pytest.raises(InvalidResponse):
-            await client.post(url, "/x", b"{}", 5.0)
+        assert not client.pool(url).idle
     finally:
         server.close()
 
