@@ -448,6 +448,34 @@ class Bench:
 
     # -- measuring --
     def measure(self, t: Target, conns: list[int]) -> None:
+        self.measure_together([t], conns)
+
+    def measure_together(self, targets: list[Target], conns: list[int]) -> None:
+        """Start every target, then at each connection count measure one after the other, so that rows to be
+        compared are seconds apart rather than minutes (this shared VM drifts over minutes); the rows are
+        recorded target by target."""
+        started: list[tuple[Target, float]] = []
+        for t in targets:
+            start_s = self._start_measured(t, conns)
+            if start_s is not None:
+                started.append((t, start_s))
+        rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t, _ in started}
+        dead: set[str] = set()
+        for c in conns:
+            for t, start_s in started:
+                if t.name in dead:
+                    continue
+                row = self._measure_row(t, c, start_s)
+                rows[t.name].append(row)
+                if "process died" in row.get("error", ""):
+                    dead.add(t.name)
+                time.sleep(self.args.pause)
+        for t, _ in started:
+            self.rows.extend(rows[t.name])
+            self.stop_target(t)
+
+    def _start_measured(self, t: Target, conns: list[int]) -> float | None:
+        """Start `t` and warm it up: its start time in seconds, or None (its rows record the error)."""
         try:
             log(f"starting {t.label}")
             t0 = time.monotonic()
@@ -456,47 +484,43 @@ class Bench:
             warmup = max(self.args.warmup, 3.0) if t.name == "litellm" and self.args.warmup > 0 else self.args.warmup
             if warmup > 0:
                 run_wrk(t.url, min(32, max(conns)), warmup, self.args.wrk_timeout, t.auth, t.body, header=t.header)
+            return start_s
         except Exception as e:  # record, don't crash: the other rows still run
             log(f"{t.label} failed to start: {e}")
             for c in conns:
                 self.rows.append(self.row(t, c, error=f"failed to start: {str(e)[:1500]}"))
             self.stop_target(t)
-            return
-        for c in conns:
-            try:
-                measured = t.proc.pid if t.proc else None
-                c0 = cpu_ticks(PROXY_CPU)
-                with TreeSampler(measured) as rs, TreeSampler(self.upstream.pid if self.upstream else None) as us:
-                    r = run_wrk(t.url, c, self.args.duration, self.args.wrk_timeout, t.auth, t.body,
-                                header=t.header)
-                c1 = cpu_ticks(PROXY_CPU)
-                row = self.row(t, c, wrk=r, start_s=start_s)
-                if c0 and c1 and c1[1] > c0[1]:
-                    # how busy the proxies' core was, all processes together: if far above proxy + upstream,
-                    # something else on the machine disturbed this row
-                    row["core_busy_pct"] = round(100.0 * (c1[0] - c0[0]) / (c1[1] - c0[1]), 1)
-                row["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
-                if measured is not None:
-                    row["rss_mb"] = round(rs.max_rss / 2**20, 1)
-                    row["rss_max_process_mb"] = round(rs.max_proc_rss / 2**20, 1)
-                    row["processes"] = rs.nprocs
-                    row["proxy_cpu_pct"] = rs.cpu_pct
-                if not t.name.startswith("vllm"):
-                    row["upstream_cpu_pct"] = us.cpu_pct
-                alive = t.proc is None or t.proc.alive()
-                if not alive:
-                    row["error"] = f"process died: {tail(t.proc.log_path, 800)}"
-                log(f"{t.label:<24} c={c:<4} {r['rps']:>9.1f} req/s  p50 {r['p50_ms']:.3f} ms  "
-                    f"p99 {r['p99_ms']:.3f} ms  non2xx {r['non_2xx']}  sockerr {r['socket_errors']}"
-                    + (f"  rss {row.get('rss_mb')} MB" if measured else ""))
-                self.rows.append(row)
-                if not alive:
-                    break
-            except Exception as e:
-                log(f"{t.label} c={c} failed: {e}")
-                self.rows.append(self.row(t, c, error=str(e)[:1500]))
-            time.sleep(self.args.pause)
-        self.stop_target(t)
+            return None
+
+    def _measure_row(self, t: Target, c: int, start_s: float) -> dict[str, Any]:
+        try:
+            measured = t.proc.pid if t.proc else None
+            c0 = cpu_ticks(PROXY_CPU)
+            with TreeSampler(measured) as rs, TreeSampler(self.upstream.pid if self.upstream else None) as us:
+                r = run_wrk(t.url, c, self.args.duration, self.args.wrk_timeout, t.auth, t.body, header=t.header)
+            c1 = cpu_ticks(PROXY_CPU)
+            row = self.row(t, c, wrk=r, start_s=start_s)
+            if c0 and c1 and c1[1] > c0[1]:
+                # how busy the proxies' core was, all processes together: if far above proxy + upstream,
+                # something else on the machine disturbed this row
+                row["core_busy_pct"] = round(100.0 * (c1[0] - c0[0]) / (c1[1] - c0[1]), 1)
+            row["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
+            if measured is not None:
+                row["rss_mb"] = round(rs.max_rss / 2**20, 1)
+                row["rss_max_process_mb"] = round(rs.max_proc_rss / 2**20, 1)
+                row["processes"] = rs.nprocs
+                row["proxy_cpu_pct"] = rs.cpu_pct
+            if not t.name.startswith("vllm"):
+                row["upstream_cpu_pct"] = us.cpu_pct
+            if t.proc is not None and not t.proc.alive():
+                row["error"] = f"process died: {tail(t.proc.log_path, 800)}"
+            log(f"{t.label:<24} c={c:<4} {r['rps']:>9.1f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                f"p99 {r['p99_ms']:.3f} ms  non2xx {r['non_2xx']}  sockerr {r['socket_errors']}"
+                + (f"  rss {row.get('rss_mb')} MB" if measured else ""))
+            return row
+        except Exception as e:
+            log(f"{t.label} c={c} failed: {e}")
+            return self.row(t, c, error=str(e)[:1500])
 
     def stop_target(self, t: Target) -> None:
         for p in ([t.proc] if t.proc else []) + t.extra:
@@ -857,8 +881,16 @@ def main(argv: list[str]) -> int:
     log(f"results: {out}; logs of this run: {workdir}")
     try:
         bench.start_upstream()
+        # The floor's goals compare gateway-1w with bare: measured side by side, connection count by count.
+        paired = ["gateway-1w", "bare"] if "gateway-1w" in names and "bare" in names else []
+        if paired:
+            bench.notes.append("gateway-1w and bare measured side by side: both started, their rows at each "
+                               "connection count taken one after the other")
         for n in names:
-            bench.measure(all_targets[n], conns)
+            if n == "gateway-1w" and paired:
+                bench.measure_together([all_targets[p] for p in paired], conns)
+            elif n not in paired:
+                bench.measure(all_targets[n], conns)
         if split:
             from split_bench import split_rows  # bench/ is the script's directory
             bench.split_rows = split_rows(bench, args.duration, python=VENV_PY, bench_dir=BENCH, root=ROOT,
