@@ -259,7 +259,7 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Gatewa
                     revoked_elsewhere=lambda: getattr(admission, "revoked_hashes", frozenset()))
     upstreams = Upstreams(
         settings.embedding_upstreams, settings.reranker_upstreams,
-        timeout=settings.timeout, pool_size=settings.max_concurrent_requests,
+        timeout=settings.timeout,
         health_interval=settings.health_interval,
         default_models={"embedding": settings.embedding_model, "reranker": settings.reranker_model},
     )

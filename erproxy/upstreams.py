@@ -263,13 +263,11 @@ class Upstreams(ReplicaSet):
         reranker: tuple[str, ...],
         *,
         timeout: float,
-        pool_size: int,
         health_interval: float,
         default_models: dict[str, str | None] | None = None,
     ) -> None:
         super().__init__(embedding, reranker, default_models)
         self.timeout = timeout
-        self.pool_size = pool_size
         self.health = HealthChecks(self, timeout=timeout, interval=health_interval)
         self.client: UpstreamClient | None = None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -137,6 +138,41 @@ def start_gateway(tmp: Path, env: dict[str, str], wait: bool = True, timeout: fl
             while proc.output().count("Application startup complete") < int(workers) and time.monotonic() < deadline:
                 time.sleep(0.05)
     return proc
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key (openssl)."""
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@dataclass
+class TlsGateway:
+    proc: Proc
+    url: str  # https://127.0.0.1:PORT
+    ctx: ssl.SSLContext  # trusts the gateway's certificate
+    env: dict[str, str]
+    keys: dict[str, str]
+
+
+def start_tls_gateway(tmp: Path, embed_urls: str, rerank_urls: str, **overrides: str) -> TlsGateway:
+    """A gateway serving HTTPS with a fresh self-signed certificate, once /health answers (stop its proc)."""
+    cert, key = self_signed(tmp)
+    env = gateway_env(tmp, embed_urls, rerank_urls, SSL_CERTFILE=str(cert), SSL_KEYFILE=str(key), **overrides)
+    keys = make_key_file(Path(env["API_KEYS_FILE"]))
+    proc = start_gateway(tmp, env, wait=False)
+    url = f"https://127.0.0.1:{env['PORT']}"
+    ctx = ssl.create_default_context(cafile=str(cert))
+    try:
+        wait_until(url + "/health", lambda: httpx.get(url + "/health", verify=ctx, timeout=1), 15, proc,
+                   errors=(httpx.HTTPError,))
+    except BaseException:
+        proc.stop()
+        raise
+    return TlsGateway(proc, url, ctx, env, keys)
 
 
 class RedisServer:

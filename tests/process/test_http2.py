@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from erproxy import server as granian_server
-from tests.procs import gateway_env, make_key_file, set_fake_mode, start_gateway
+from tests.procs import set_fake_mode, start_tls_gateway
 
 BODY = {"model": "minilm", "input": "hello world"}
 
@@ -37,14 +37,6 @@ def curl(*args: str) -> tuple[str, str]:
 
 def in_flight(gw) -> int:
     return httpx.get(gw.url + "/health", timeout=5).json()["upstreams"]["embedding"]["replicas"][0]["in_flight"]
-
-
-def self_signed(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 # ---- HTTP/2 with real clients ----------------------------------------------------------------------
@@ -77,21 +69,9 @@ def test_h2c_by_prior_knowledge_and_http11_on_the_same_port(make_gateway):
 
 
 def test_h2_over_tls_by_alpn(tmp_path, fake_embed, fake_rerank):
-    cert, key = self_signed(tmp_path)
-    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, SERVER="granian", SSL_CERTFILE=str(cert),
-                      SSL_KEYFILE=str(key))
-    keys = make_key_file(tmp_path / "keys.json")
-    proc = start_gateway(tmp_path, env, wait=False)
+    gw = start_tls_gateway(tmp_path, fake_embed.url, fake_rerank.url, SERVER="granian")
+    url, ctx, keys, env, proc, cert = gw.url, gw.ctx, gw.keys, gw.env, gw.proc, tmp_path / "cert.pem"
     try:
-        url = f"https://127.0.0.1:{env['PORT']}"
-        ctx = ssl.create_default_context(cafile=str(cert))
-        for _ in range(300):
-            try:
-                httpx.get(url + "/health", verify=ctx, timeout=1)
-                break
-            except httpx.HTTPError:
-                assert proc.popen.poll() is None, proc.output()
-                time.sleep(0.05)
         with socket.create_connection(("127.0.0.1", int(env["PORT"]))) as raw:  # what the server picks by ALPN
             alpn = ssl.create_default_context(cafile=str(cert))
             alpn.set_alpn_protocols(["h2", "http/1.1"])

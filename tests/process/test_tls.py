@@ -1,35 +1,15 @@
 """SSL_CERTFILE / SSL_KEYFILE: the gateway serves HTTPS (self-signed certificate made by the test)."""
 
-import ssl
-import subprocess
-import time
-
 import httpx
 import openai
 
-from tests.procs import gateway_env, make_key_file, start_gateway, wait_http
+from tests.procs import gateway_env, start_gateway, start_tls_gateway
 
 
 def test_https_with_a_self_signed_certificate(tmp_path, fake_embed, fake_rerank):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, SSL_CERTFILE=str(cert), SSL_KEYFILE=str(key))
-    keys = make_key_file(tmp_path / "keys.json")
-    env["API_KEYS_FILE"] = str(tmp_path / "keys.json")
-    proc = start_gateway(tmp_path, env, wait=False)
+    gw = start_tls_gateway(tmp_path, fake_embed.url, fake_rerank.url)
+    url, ctx, keys, env, proc = gw.url, gw.ctx, gw.keys, gw.env, gw.proc
     try:
-        url = f"https://127.0.0.1:{env['PORT']}"
-        ctx = ssl.create_default_context(cafile=str(cert))
-        for _ in range(200):
-            try:
-                httpx.get(url + "/health", verify=ctx, timeout=1)
-                break
-            except httpx.HTTPError:
-                if proc.popen.poll() is not None:
-                    raise AssertionError(proc.output())
-                time.sleep(0.05)
         r = httpx.post(url + "/v1/embeddings", verify=ctx, json={"input": "hello world"},
                        headers={"Authorization": f"Bearer {keys['tester']}"})
         assert r.status_code == 200 and r.json()["data"][0]["embedding"]

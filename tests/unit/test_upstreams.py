@@ -10,7 +10,7 @@ from erproxy.upstreams import ModelInfo, Replica, Upstreams
 
 def ups(n_embed=2, n_rerank=1) -> Upstreams:
     u = Upstreams(tuple(f"http://e{i}" for i in range(n_embed)), tuple(f"http://r{i}" for i in range(n_rerank)),
-                  timeout=5, pool_size=10, health_interval=10)
+                  timeout=5, health_interval=10)
     for r in u.replicas["embedding"]:
         r.healthy, r.discovered, r.models = True, True, {"emb": ModelInfo("emb")}
     for r in u.replicas["reranker"]:
