@@ -3,9 +3,13 @@
 One round trip per request: the rate limit, the token limit and the concurrency lease are checked
 and taken by ONE Lua script (ADMIT), atomically, with the Redis server's clock, sent on the worker's
 one pipelined connection (resp.py: commands of concurrent requests share writes, no pool, no lock).
+The admissions asked for within one turn of the event loop go out as one ADMIT that decides them in
+order, one after the other, exactly as separate scripts would: Redis pays the script's set-up once
+per batch instead of once per request (bench/results/ANALYSIS.md).
 What happens after the answer is never awaited by a request: lease releases ride on the next ADMIT
 (its extra arguments, removed before the cap is counted) and token charges (one SETTLE script per
-batch) go out with the next write; when no write comes within BATCH_WAIT_S they go on their own.
+batch) go out with the next write; only when no write comes within BATCH_WAIT_S do they go on their
+own (a worker under load never sends them alone: no write, no reply, no wake-up of their own).
 
 - Rate limits: `limits`' moving window and its data layout (a list of hit times, newest first, trimmed
   to the limit, under LIMITS:LIMITER/bucket/amount/multiples/unit): the same limits per key, the same
@@ -53,64 +57,76 @@ RENEW_EVERY_S = 5.0
 REVOKED_POLL_S = 0.5
 REPLY_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
-BATCH_WAIT_S = 0.002  # releases and charges wait at most this long for a write to ride on
 MAX_RIDERS = 512  # releases one ADMIT carries at most (Lua's unpack has a stack limit)
+MAX_BATCH = 256  # admissions one ADMIT decides at most
+BATCH_WAIT_S = 0.002  # releases and charges wait at most this long for a write to ride on
 
-# KEYS: [1] the rate window (a list of hit times, newest first), [2] the lease set, [3] the token
-# windows' prefix (+ ':' .. window), [4] the key's last answer (tokens).
-# ARGV: [1] rate limit (-1: no rate check), [2] its window in s, [3] concurrency cap (0: take no
-# lease), [4] lease ttl s, [5] token limit (0: none), [6] token period s, [7] the lease's member,
-# [8..] leases this worker gives back (answered requests), removed first whatever the outcome.
-# Returns {0, 0, token window} admitted; {1, ms until a hit frees} rate limited; {2, ms, window}
-# token limited; {3, 0, 0} no free slot. A refused request takes nothing but its rate hit.
+# KEYS: [1] the lease set; then three per admission: its rate window (a list of hit times, newest
+# first), its token windows' prefix (+ ':' .. window), its key's last answer (tokens).
+# ARGV: [1] lease ttl s, [2] r = how many leases this worker gives back (answered requests), [3..2+r]
+# those leases (removed first, whatever the outcome); then six per admission: rate limit (-1: no rate
+# check), its window in s, concurrency cap (0: take no lease), token limit (0: none), token period s,
+# the lease's member.
+# Returns one reply per admission, in order, each decided after the ones before it: {0, 0, token
+# window} admitted; {1, ms until a hit frees} rate limited; {2, ms, window} token limited; {3, 0, 0}
+# no free slot. A refused admission takes nothing but its rate hit.
 ADMIT = Script("""
-if #ARGV > 7 then redis.call('ZREM', KEYS[2], unpack(ARGV, 8)) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local amount = tonumber(ARGV[1])
-if amount >= 0 then
-  local expiry = tonumber(ARGV[2])
-  if amount == 0 then return {1, expiry * 1000, 0} end
-  local oldest = redis.call('LINDEX', KEYS[1], amount - 1)
-  if oldest and tonumber(oldest) >= now - expiry then
-    return {1, math.ceil((tonumber(oldest) + expiry - now) * 1000), 0}
+local ttl, r = tonumber(ARGV[1]), tonumber(ARGV[2])
+if r > 0 then redis.call('ZREM', KEYS[1], unpack(ARGV, 3, 2 + r)) end
+local held, swept = nil, false
+
+local function admit(rate_key, tprefix, last, amount, expiry, cap, tlimit, period, member)
+  if amount >= 0 then
+    if amount == 0 then return {1, expiry * 1000, 0} end
+    local oldest = redis.call('LINDEX', rate_key, amount - 1)
+    if oldest and tonumber(oldest) >= now - expiry then
+      return {1, math.ceil((tonumber(oldest) + expiry - now) * 1000), 0}
+    end
+    if redis.call('LPUSH', rate_key, now) > amount then redis.call('LTRIM', rate_key, 0, amount - 1) end
+    redis.call('EXPIRE', rate_key, expiry)
   end
-  if redis.call('LPUSH', KEYS[1], now) > amount then redis.call('LTRIM', KEYS[1], 0, amount - 1) end
-  redis.call('EXPIRE', KEYS[1], expiry)
-end
-local tlimit = tonumber(ARGV[5])
-local tkey, window, period
-if tlimit > 0 then
-  period = tonumber(ARGV[6])
-  window = math.floor(now / period)
-  tkey = KEYS[3] .. ':' .. window
-  local v = redis.call('HMGET', tkey, 'used', 'n', 'f')
-  local used, n, f = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
-  if used >= tlimit then
-    return {2, math.floor(((window + 1) * period - now) * 1000), window}
-  end
-  local avg = 0
-  if n > 0 then avg = used / n else avg = tonumber(redis.call('GET', KEYS[4]) or '0') end
-  if used + f * avg >= tlimit then
-    return {2, 1000, window}
-  end
-end
-local cap = tonumber(ARGV[3])
-if cap > 0 then
-  if redis.call('ZCARD', KEYS[2]) >= cap then  -- full: drop expired leases (crashed workers'), count again
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-    if redis.call('ZCARD', KEYS[2]) >= cap then
-      return {3, 0, 0}
+  local tkey, window
+  if tlimit > 0 then
+    window = math.floor(now / period)
+    tkey = tprefix .. ':' .. window
+    local v = redis.call('HMGET', tkey, 'used', 'n', 'f')
+    local used, n, f = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+    if used >= tlimit then
+      return {2, math.floor(((window + 1) * period - now) * 1000), window}
+    end
+    local avg = 0
+    if n > 0 then avg = used / n else avg = tonumber(redis.call('GET', last) or '0') end
+    if used + f * avg >= tlimit then
+      return {2, 1000, window}
     end
   end
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[7])
+  if cap > 0 then
+    if not held then held = redis.call('ZCARD', KEYS[1]) end
+    if held >= cap and not swept then  -- full: drop expired leases (crashed workers'), count again
+      redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+      held, swept = redis.call('ZCARD', KEYS[1]), true
+    end
+    if held >= cap then return {3, 0, 0} end
+    redis.call('ZADD', KEYS[1], now + ttl, member)
+    held = held + 1
+  end
+  if tkey then
+    redis.call('HINCRBY', tkey, 'f', 1)
+    redis.call('EXPIRE', tkey, period * 2 + 60)
+    return {0, 0, window}
+  end
+  return {0, 0, 0}
 end
-if tkey then
-  redis.call('HINCRBY', tkey, 'f', 1)
-  redis.call('EXPIRE', tkey, period * 2 + 60)
-  return {0, 0, window}
+
+local out = {}
+for i = 1, (#KEYS - 1) / 3 do
+  local k, a = 3 * i - 1, 2 + r + 6 * (i - 1)
+  out[i] = admit(KEYS[k], KEYS[k + 1], KEYS[k + 2], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
+                 tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), ARGV[a + 6])
 end
-return {0, 0, 0}
+return out
 """)
 
 # Token charges of answered requests, batched: KEYS pairs (window prefix, last answer), ARGV triples
@@ -189,7 +205,8 @@ class RedisAdmission:
         self._seq = itertools.count(1)
         self._fallback = MemoryAdmission(rate_limit, max_concurrent)
         self.tokens = RedisTokens(self)  # TokenGate's limiter: settles into Redis in batches
-        self._tails: dict[tuple[Any, ...], tuple[Any, int, bytes]] = {}
+        self._parts: dict[tuple[Any, ...], tuple[Any, bytes, bytes]] = {}
+        self._admits: list[tuple[bytes, bytes, Callable[[Any], None]]] = []  # for this turn's ADMIT
         self._releases: list[str] = []  # answered requests' leases, for the next ADMIT or ZREM
         self._settles: list[tuple[Ticket, int, Callable[[], None]]] = []
         self._batch_timer: asyncio.TimerHandle | None = None
@@ -209,9 +226,7 @@ class RedisAdmission:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._batch_timer is not None:
-            self._batch_timer.cancel()
-            self._batch_timer = None
+        self._disarm()
         if self._held:
             self._releases.extend(self._held)
             self._held.clear()
@@ -238,11 +253,11 @@ class RedisAdmission:
     # process's limits (REDIS_FAIL_OPEN=true) or 503, and the revocation poll notices when Redis is back.
     async def admit(self, who: Identity | None, token_limit: TokenLimit | None = None, lease: bool = True, *,
                     rate: bool = True) -> Pass:
-        """One ADMIT script: `who`'s rate limit (unless rate=False or who is None), its token limit
-        (with token_limit), a lease (with lease). 429 for the first gate that refuses; 503 or this
-        process's limits while Redis is down."""
+        """`who`'s rate limit (unless rate=False or who is None), its token limit (with token_limit), a
+        lease (with lease), decided in this turn's ADMIT. 429 for the first gate that refuses; 503 or
+        this process's limits while Redis is down."""
         if self._redis_ok:
-            item, nargs, tail = self._tail(who, token_limit, lease, rate)
+            item, keys, args = self._admission_parts(who, token_limit, lease, rate)
             member = f"{self._worker}{next(self._seq)}" if lease else ""
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
@@ -256,12 +271,11 @@ class RedisAdmission:
                 elif reply.__class__ is list and reply[0] == 0:  # the caller is gone: give back what it took
                     self._give_back(member, who, token_limit, int(reply[2]))
 
-            if self._releases and len(self._releases) <= MAX_RIDERS:  # the answered requests' leases ride along
-                riders, self._releases = self._releases, []
-                self.client.script_raw(ADMIT, nargs + len(riders),
-                                       tail + bulk(member) + b"".join(map(bulk, riders)), answered)
+            self._admits.append((keys, args + bulk(member), answered))
+            if self.client.connected:
+                self.client.request_flush()  # _send_batches puts it in this turn's ADMIT
             else:
-                self.client.script_raw(ADMIT, nargs, tail + bulk(member), answered)
+                self._send_batches()  # queued now: it waits for the connection, or fails with it
             try:
                 code, ms, window = await fut
             except REDIS_ERRORS as e:
@@ -299,25 +313,25 @@ class RedisAdmission:
         admitted.ticket = ticket
         return admitted
 
-    def _tail(self, who: Identity | None, token_limit: TokenLimit | None, lease: bool,
-              rate: bool = True) -> tuple[Any, int, bytes]:
-        """The ADMIT arguments of this caller but the member, encoded once per key and limits."""
+    def _admission_parts(self, who: Identity | None, token_limit: TokenLimit | None, lease: bool,
+                         rate: bool = True) -> tuple[Any, bytes, bytes]:
+        """(the rate limit item, its three ADMIT keys, its ADMIT arguments but the member), encoded once
+        per key and limits."""
         k = (who.bucket or who.name, who.rate_limit) if who is not None else None
         cache_key = (k, token_limit, lease, rate)
-        found = self._tails.get(cache_key)
+        found = self._parts.get(cache_key)
         if found is None:
-            if len(self._tails) > 65536:
-                self._tails.clear()
+            if len(self._parts) > 65536:
+                self._parts.clear()
             item, rate_key, amount, expiry = None, "", -1, 0
             if who is not None and rate:
                 item, key = self.limits.key_for(who)
                 rate_key, amount, expiry = f"{LIMITS_PREFIX}:{key}", item.amount, item.get_expiry()
             prefix, last = token_keys(who.bucket or who.name) if who is not None else ("", "")
             tlimit, period = (token_limit.amount, token_limit.period) if token_limit is not None else (0, 0)
-            keys = [rate_key, self._leases_key, prefix, last]
-            args = [amount, expiry, self.max_concurrent if lease else 0, LEASE_TTL_S, tlimit, period]
-            nargs, tail = ADMIT.tail(keys, args)
-            found = self._tails[cache_key] = (item, nargs + 1, tail)  # + the member, added per call
+            keys = b"".join(map(bulk, (rate_key, prefix, last)))
+            args = b"".join(map(bulk, (amount, expiry, self.max_concurrent if lease else 0, tlimit, period)))
+            found = self._parts[cache_key] = (item, keys, args)
         return found
 
     def _give_back(self, member: str, who: Identity | None, token_limit: TokenLimit | None, window: int) -> None:
@@ -339,19 +353,22 @@ class RedisAdmission:
             return
         self._held.discard(lease)
         self._releases.append(lease)
-        if self._batch_timer is None:
-            self._arm()
+        self._arm()
 
     def settle_later(self, ticket: Ticket, tokens: int, on_failure: Callable[[], None]) -> None:
         """Charge an answered request's tokens with the next write (TokenGate.settle)."""
         self._settles.append((ticket, tokens, on_failure))
-        if self._batch_timer is None:
-            self._arm()
+        self._arm()
 
     def _arm(self) -> None:
         """Make sure what waits for a write goes out within BATCH_WAIT_S even if no request comes."""
         if self._batch_timer is None:
             self._batch_timer = asyncio.get_running_loop().call_later(BATCH_WAIT_S, self._batch_due)
+
+    def _disarm(self) -> None:
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
 
     def _batch_due(self) -> None:
         self._batch_timer = None
@@ -359,8 +376,13 @@ class RedisAdmission:
             self.client.request_flush()  # runs _send_batches before it writes (not connected: at the reconnect)
 
     def _send_batches(self) -> None:
-        """Just before the client writes: the releases and charges queued since its last write."""
-        if self._releases and self._batch_timer is None or len(self._releases) > MAX_RIDERS:
+        """Just before the client writes: this turn's admissions as one ADMIT (the answered requests'
+        leases riding on it), and the releases and charges queued since the last write."""
+        while self._admits:
+            batch, self._admits = self._admits[:MAX_BATCH], self._admits[MAX_BATCH:]
+            riders, self._releases = self._releases[:MAX_RIDERS], self._releases[MAX_RIDERS:]
+            self._send_admit(batch, riders)
+        if self._releases and self._batch_timer is None:
             members, self._releases = self._releases, []  # no ADMIT to ride on came in time
             self.client.send(b"ZREM", self._leases_key, *members)
         if self._settles:
@@ -379,6 +401,26 @@ class RedisAdmission:
                         on_failure()
 
             self.client.script(SETTLE, keys, args, charged)
+        if not self._releases:
+            self._disarm()  # all went out with this write: no wake-up of their own
+
+    def _send_admit(self, batch: list[tuple[bytes, bytes, Callable[[Any], None]]], riders: list[str]) -> None:
+        n = len(batch)
+        numkeys = 1 + 3 * n
+        tail = b"".join([bulk(numkeys), bulk(self._leases_key), *[keys for keys, _, _ in batch],
+                         bulk(LEASE_TTL_S), bulk(len(riders)), *map(bulk, riders), *[args for _, args, _ in batch]])
+
+        def answered(reply: Any) -> None:
+            if reply.__class__ is list and len(reply) == n:
+                for (_, _, one), r in zip(batch, reply):
+                    one(r)
+                return
+            if not isinstance(reply, BaseException):
+                reply = RespError(f"ADMIT answered {reply!r:.200} for {n} admissions")
+            for _, _, one in batch:
+                one(reply)
+
+        self.client.script_raw(ADMIT, 1 + numkeys + 2 + len(riders) + 6 * n, tail, answered)
 
     async def enforce_rate_limit(self, who: Identity) -> None:
         await self.admit(who, None, lease=False)

@@ -155,22 +155,22 @@ async def test_the_answer_does_not_wait_for_the_release_or_the_token_charge(make
         await relay.stop()
 
 
-async def test_releases_ride_on_the_next_admission_or_go_together_within_milliseconds(server):
+async def test_releases_ride_on_an_admission_of_the_same_turn_or_go_out_at_once(server):
     adm = ra.RedisAdmission(server.url, "1000/minute", 100)
     r = redis.Redis.from_url(server.url)
     await adm.start()
     try:
         who = Identity("k", "er-k", bucket="b1")
         r.config_resetstat()
-        passes = await asyncio.gather(*(adm.admit(who) for _ in range(50)))
+        passes = await asyncio.gather(*(adm.admit(who) for _ in range(50)))  # one turn: one ADMIT for all
         assert r.zcard("erproxy:inflight") == 50 and adm.in_flight() == 50
         for p in passes:
             adm.finish(p)  # returns at once: nothing awaited
         assert adm.in_flight() == 0
-        one = await adm.admit(who)  # carries the 50 releases: Redis removes them before it counts
+        one = await adm.admit(who)  # the same turn: it carries the 50 releases, removed before it counts
         assert r.zcard("erproxy:inflight") == 1
         stats = r.info("commandstats")
-        assert stats["cmdstat_evalsha"]["calls"] == 51 and stats["cmdstat_zrem"]["calls"] == 1  # in the script
+        assert stats["cmdstat_evalsha"]["calls"] == 2 and stats["cmdstat_zrem"]["calls"] == 1  # in the script
         passes = await asyncio.gather(*(adm.admit(who) for _ in range(20)))
         t0 = time.monotonic()
         for p in [one, *passes]:
@@ -178,7 +178,45 @@ async def test_releases_ride_on_the_next_admission_or_go_together_within_millise
         await wait_for(lambda: r.zcard("erproxy:inflight") == 0)  # no admission came: they go on their own
         assert time.monotonic() - t0 < 0.5
         stats = r.info("commandstats")
-        assert stats["cmdstat_evalsha"]["calls"] == 71 and stats["cmdstat_zrem"]["calls"] == 2  # all 21 in one
+        assert stats["cmdstat_evalsha"]["calls"] == 3 and stats["cmdstat_zrem"]["calls"] == 2  # all 21 in one
+    finally:
+        await adm.close()
+
+
+async def test_admissions_of_one_turn_share_one_script_and_are_decided_in_order(server):
+    """Concurrent admissions go out as one ADMIT (at most MAX_BATCH each) and are decided one after the
+    other: exactly the limit is admitted, whatever the batching, and each refusal is the first gate's."""
+    adm = ra.RedisAdmission(server.url, "10/minute", 6)
+    r = redis.Redis.from_url(server.url)
+    await adm.start()
+    try:
+        r.config_resetstat()
+        who = Identity("k", "er-k", bucket="b3")
+        outcomes = await asyncio.gather(*(adm.admit(who) for _ in range(25)), return_exceptions=True)
+        admitted = [o for o in outcomes if not isinstance(o, BaseException)]
+        refused = [o.code for o in outcomes if isinstance(o, ApiError)]
+        assert len(admitted) == 6 and refused == ["concurrency_limit_exceeded"] * 4 + ["rate_limit_exceeded"] * 15
+        assert outcomes[:6] == admitted  # in the order asked
+        assert r.zcard("erproxy:inflight") == 6 and r.llen(next(iter(r.keys("LIMITS:*")))) == 10
+        assert r.info("commandstats")["cmdstat_evalsha"]["calls"] == 1
+        for p in admitted:
+            adm.finish(p)
+        other = Identity("o", "er-o", bucket="b4")  # another key: its own rate window, the same slots
+        passes = await asyncio.gather(*(adm.admit(other, lease=False) for _ in range(10)),
+                                      adm.admit(other, lease=False), return_exceptions=True)
+        assert [isinstance(p, ApiError) for p in passes] == [False] * 10 + [True]
+        assert r.info("commandstats")["cmdstat_evalsha"]["calls"] == 2
+        big = ra.RedisAdmission(server.url, "100000/minute", 10000)
+        await big.start()
+        try:
+            many = await asyncio.gather(*(big.admit(Identity(f"k{i % 7}", "er", bucket=f"m{i % 7}"))
+                                          for i in range(ra.MAX_BATCH * 2 + 10)))
+            assert r.zcard("erproxy:inflight") == len(many) and r.info("commandstats")["cmdstat_evalsha"]["calls"] == 5
+            for p in many:
+                big.finish(p)
+        finally:
+            await big.close()
+        assert r.zcard("erproxy:inflight") == 0
     finally:
         await adm.close()
 
