@@ -3,7 +3,7 @@
 A request goes, one named step each: route (routing.py: 404/405) -> authenticate (auth.py: 401)
 -> read the body (asgi.py: 413/408) -> admit: rate limit, token limit and concurrency slot in one
 call (admission.py, one Redis round trip with REDIS_URL: 429) -> handler (handlers.py) -> send ->
-record (metrics and the access log, batched per event-loop turn).
+record (metrics and the access log, batched: flushing.py).
 Each step raises the ApiError that ends the request; `handle` turns it into the answer.
 Plain calls, no middleware classes: every layer on the hot path costs throughput (bench/).
 """

@@ -5,15 +5,14 @@ reopens the file when another one has rotated it, so no line is lost or written 
 Access lines name the key by its name, never the key itself. LOG_JSON=1 writes access lines as JSON.
 
 Access lines are written in batches: each request's line is a LogRecord made directly (no logger
-lookup, no caller search) and queued; once per event-loop turn the queue is formatted and written
-with one write per handler (the per-line write, flush and rotation check were ~14 % of the
-gateway's CPU under load: bench/results/ANALYSIS.md). A line reaches the file within the same
-turn of the loop that answered the request; lines still queued at exit are written by atexit.
+lookup, no caller search) and queued; at most flushing.FLUSH_WINDOW_S (10 ms) later the queue is
+formatted and written with one write per handler (the per-line write, flush and rotation check
+were ~14 % of the gateway's CPU under load: bench/results/ANALYSIS.md). Lines still queued at exit
+are written by atexit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import logging
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import orjson
 
+from .flushing import flush_later
 from .settings import Settings
 from .util import exclusive_lock, iso_utc
 
@@ -107,7 +107,7 @@ class Formatter(logging.Formatter):
 
 
 class AccessBatch:
-    """Access records queued by log_access, written by their handlers once per event-loop turn."""
+    """Access records queued by log_access, written by their handlers together (flushing.py)."""
 
     def __init__(self, handlers: list[logging.Handler]) -> None:
         self.handlers = handlers
@@ -119,10 +119,9 @@ class AccessBatch:
         self.pending.append((time.time(), line))
         if self.scheduled:
             return
-        try:
-            asyncio.get_running_loop().call_soon(self.flush)
+        if flush_later(self.flush):
             self.scheduled = True
-        except RuntimeError:  # no event loop (a command-line use): at once
+        else:  # no event loop (a command-line use): at once
             self.flush()
 
     def flush(self) -> None:

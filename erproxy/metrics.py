@@ -5,9 +5,10 @@ the workers start; every worker writes its samples there and a scrape of any wor
 all of them (gauges as the sum or max over live workers).
 
 The per-request samples (requests, durations, upstream times, inputs, tokens, requests in flight)
-are added up in plain dicts and handed to prometheus_client once per event-loop turn (`Pending`),
-and before every scrape: each prometheus_client update takes a lock, and with several workers also
-writes a shared file, which was 8-10 % of a worker's CPU under load (bench/results/ANALYSIS.md).
+are added up in plain dicts and handed to prometheus_client together, at most
+flushing.FLUSH_WINDOW_S later (`Pending`), and before every scrape: each prometheus_client update
+takes a lock, and with several workers also writes a shared file, which was 8-10 % of a worker's CPU
+under load (bench/results/ANALYSIS.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .flushing import flush_later
+
 if TYPE_CHECKING:
     from .upstreams import Upstreams
 
@@ -42,7 +45,7 @@ _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 class Pending:
     """Counter and gauge increments and histogram observations not yet given to prometheus_client.
 
-    `flush` runs once per event-loop turn (scheduled by the first sample of the turn), and at once
+    `flush` runs at most flushing.FLUSH_WINDOW_S after the first sample not yet flushed, and at once
     when there is no running loop.
     """
 
@@ -67,10 +70,9 @@ class Pending:
             self._schedule()
 
     def _schedule(self) -> None:
-        try:
-            asyncio.get_running_loop().call_soon(self.flush)
+        if flush_later(self.flush):
             self.scheduled = True
-        except RuntimeError:  # no event loop: now
+        else:  # no event loop: now
             self.flush()
 
     def flush(self) -> None:

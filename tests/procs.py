@@ -90,14 +90,15 @@ class Gateway:
     def log_file(self) -> Path:
         return Path(self.env["LOG_DIR"]) / "embedding_reranker_proxy.log"
 
-    def log_text(self, until: str, timeout: float = 5.0) -> str:
-        """The gateway's log once it holds `until` (or after `timeout`): the access line of a request is
-        written just after its answer is sent, so a loaded machine can read the file before it."""
+    def log_text(self, until: str, timeout: float = 5.0, count: int = 1) -> str:
+        """The gateway's log once it holds `until` `count` times (or after `timeout`): access lines are
+        written in batches, within 10 ms of the answer (erproxy/flushing.py), so a test can read the
+        file before them."""
         deadline = time.monotonic() + timeout
         while True:
             path = self.log_file()
             text = path.read_text() if path.exists() else ""
-            if until in text or time.monotonic() > deadline:
+            if text.count(until) >= count or time.monotonic() > deadline:
                 return text
             time.sleep(0.05)
 

@@ -1,5 +1,5 @@
-"""Per-request samples are handed to prometheus_client once per event-loop turn (metrics.Pending):
-what a scrape shows is exactly what direct updates would have shown."""
+"""Per-request samples are handed to prometheus_client together, within flushing.FLUSH_WINDOW_S
+(metrics.Pending): what a scrape shows is exactly what direct updates would have shown."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
+from erproxy.flushing import FLUSH_WINDOW_S
 from erproxy.metrics import LATENCY_BUCKETS, Metrics
 
 
@@ -16,7 +17,7 @@ def sample(m: Metrics, name: str, labels: dict[str, str]) -> float | None:
 
 
 @pytest.mark.asyncio
-async def test_a_turns_samples_reach_the_registry_at_its_end_and_add_up_exactly() -> None:
+async def test_samples_reach_the_registry_within_the_flush_window_and_add_up_exactly() -> None:
     m = Metrics()
     reference = CollectorRegistry()
     direct = Histogram("direct", "d", ["route"], buckets=LATENCY_BUCKETS, registry=reference)
@@ -27,8 +28,10 @@ async def test_a_turns_samples_reach_the_registry_at_its_end_and_add_up_exactly(
     m.observe_items("embedding", "minilm", 3, 12)
     m.in_flight.inc()
     labels = {"route": "/v1/embeddings", "model": "minilm", "status": "200", "key": "k"}
-    assert sample(m, "erproxy_requests_total", labels) == 0.0, "nothing reaches prometheus_client mid-turn"
+    assert sample(m, "erproxy_requests_total", labels) == 0.0, "nothing reaches prometheus_client at once"
     await asyncio.sleep(0)
+    assert sample(m, "erproxy_requests_total", labels) == 0.0, "several turns share one hand-over"
+    await asyncio.sleep(FLUSH_WINDOW_S * 3)
     assert sample(m, "erproxy_requests_total", labels) == len(values)
     assert sample(m, "erproxy_inputs_total", {"model": "minilm"}) == 3
     assert sample(m, "erproxy_tokens_total", {"model": "minilm", "kind": "embedding"}) == 12
@@ -41,7 +44,7 @@ async def test_a_turns_samples_reach_the_registry_at_its_end_and_add_up_exactly(
 
 
 @pytest.mark.asyncio
-async def test_a_scrape_includes_the_samples_of_its_own_turn() -> None:
+async def test_a_scrape_includes_the_samples_not_yet_handed_over() -> None:
     m = Metrics()
 
     class NoUpstreams:
