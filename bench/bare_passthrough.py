@@ -7,9 +7,12 @@ this row and the gateway's is what the gateway's own features cost.
 what ASGI itself costs on Granian.
 
 Run: python bench/bare_passthrough.py --port P --upstream http://127.0.0.1:U [--server uvicorn|granian|granian-rsgi]
+                                      [--workers N]   (uvicorn: N worker processes on one socket)
 """
 
 import argparse
+import os
+import sys
 
 import aiohttp
 
@@ -46,6 +49,11 @@ def make_app(upstream: str):
         await send({"type": "http.response.body", "body": data})
 
     return app
+
+
+def app_from_env():
+    """make_app for uvicorn's worker processes (--workers): the upstream comes from BARE_UPSTREAM."""
+    return make_app(os.environ["BARE_UPSTREAM"])
 
 
 class RSGIPassThrough:
@@ -89,8 +97,18 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True)
     p.add_argument("--server", choices=("uvicorn", "granian", "granian-rsgi"), default="uvicorn")
+    p.add_argument("--workers", type=int, default=1)
     a = p.parse_args()
-    if a.server == "uvicorn":
+    if a.server == "uvicorn" and a.workers > 1:
+        import uvicorn
+
+        # workers import the app by name: it reads the upstream from the environment
+        os.environ["BARE_UPSTREAM"] = a.upstream
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        uvicorn.run("bare_passthrough:app_from_env", factory=True, workers=a.workers, host="127.0.0.1",
+                    port=a.port, loop="uvloop", http="httptools", access_log=False, log_level="warning",
+                    proxy_headers=False)
+    elif a.server == "uvicorn":
         import uvicorn
 
         uvicorn.run(make_app(a.upstream), host="127.0.0.1", port=a.port, loop="uvloop", http="httptools",

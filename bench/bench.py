@@ -59,6 +59,8 @@ TARGET_P99_VS_FLOOR = 1.5    # p99 at 256 connections, at most this multiple of 
 TARGET_P50_OVER_FLOOR_MS = 0.1  # p50 at 1 connection, at most this much above the floor's
 TARGET_REDIS_VS_1W = 0.85    # 2 workers + Redis on one core, against one worker without Redis
 TARGET_4W_VS_1W = 1.7        # 4 workers on 2 cores, against one worker on one core
+# measured side by side with gateway-1w (Bench.measure_together), in this order
+PAIRED = ("gateway-1w", "bare", "gateway-1w-redis", "gateway-2w-redis", "bare-2w", "gateway-4w-2cores")
 
 
 def log(msg: str) -> None:
@@ -318,16 +320,33 @@ class Bench:
         self._start_gateway(t, "gateway-cache-miss", self.gateway_env(self.upstream_url, WORKERS="1",
                                                                        CACHE_MAX_BYTES="64MiB"))
 
-    def start_gateway2(self, t: Target) -> None:
+    def _start_redis(self, t: Target) -> str:
+        """A redis-server on core 0 for `t` (stopped with it): its URL."""
         rport = free_port()
         redis = self.procs.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(rport),
                                            "--save", "", "--appendonly", "no", "--daemonize", "no",
                                            "--protected-mode", "no", "--dir", str(self.workdir)])
         t.extra.append(redis)
         wait_until("redis", lambda: _redis_ping(rport), 15, redis)
+        return f"redis://127.0.0.1:{rport}/0"
+
+    def start_gateway2(self, t: Target) -> None:
         t.note = "2 workers + Redis on core 0"
         self._start_gateway(t, "gateway-2w-redis", self.gateway_env(
-            self.upstream_url, WORKERS="2", REDIS_URL=f"redis://127.0.0.1:{rport}/0"))
+            self.upstream_url, WORKERS="2", REDIS_URL=self._start_redis(t)))
+
+    def start_gateway1_redis(self, t: Target) -> None:
+        t.note = "1 worker with its admission in Redis, on core 0: what the Redis round trip costs alone"
+        self._start_gateway(t, "gateway-1w-redis", self.gateway_env(
+            self.upstream_url, WORKERS="1", REDIS_URL=self._start_redis(t)))
+
+    def start_bare2(self, t: Target) -> None:
+        port = free_port()
+        t.proc = self.procs.start("bare-2w", [str(VENV_PY), str(BENCH / "bare_passthrough.py"), "--port", str(port),
+                                              "--upstream", self.upstream_url, "--workers", "2"])
+        t.url = f"http://127.0.0.1:{port}"
+        t.note = "the bare floor with 2 worker processes on core 0: what sharing one core costs without the gateway"
+        wait_until("bare pass-through, 2 workers", lambda: post_ok(t.url, ""), 20, t.proc)
 
     def start_gateway4(self, t: Target) -> None:
         t.note = "4 workers (private Redis) on cores 0 and 1; wrk shares core 1, the upstream core 0"
@@ -679,6 +698,16 @@ def floor_checks(get: Callable[[str, int], dict[str, Any] | None], add: Callable
                 ok = False
                 parts.append(f"{c}: no row")
         add(name, ("met" if ok else "not met") if have else "n/a", "; ".join(parts))
+    # Not goals: what the workers' shortfall is made of (each against its own one-worker row).
+    for other, one_row, what in (("gateway-1w-redis", gw, "the Redis round trip alone: 1 worker + Redis vs 1 worker"),
+                                 ("bare-2w", floor, "sharing one core: the bare floor, 2 workers vs 1")):
+        parts = []
+        for c in (32, 256):
+            o, one = get(other, c), get(one_row, c)
+            if o and one and one["rps"]:
+                parts.append(f"{c} connections: {o['rps']:.0f} vs {one['rps']:.0f} req/s = {o['rps'] / one['rps']:.2f}x")
+        if parts:
+            add(what, "context", "; ".join(parts))
 
 
 def _cmd(cmd: list[str]) -> str:
@@ -801,9 +830,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per row (default 10, --quick 3)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up load per target (default 2, --quick 1)")
     p.add_argument("--connections", default="1,32,256,500", help="comma-separated connection counts")
-    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w-redis,gateway-4w-2cores,gateway-cache-hit,gateway-cache-miss,bare,nginx,litellm,split",
-                   help="comma-separated subset of: direct, gateway-1w, gateway-2w-redis, gateway-4w-2cores, gateway-cache-hit, "
-                        "gateway-cache-miss, bare, "
+    p.add_argument("--targets", default="direct,gateway-1w,gateway-1w-redis,gateway-2w-redis,gateway-4w-2cores,"
+                                        "gateway-cache-hit,gateway-cache-miss,bare,bare-2w,nginx,litellm,split",
+                   help="comma-separated subset of: direct, gateway-1w, gateway-1w-redis, gateway-2w-redis, "
+                        "gateway-4w-2cores, gateway-cache-hit, gateway-cache-miss, bare, bare-2w, "
                         "nginx, litellm, split")
     p.add_argument("--vllm-url", help="base URL of a running vLLM embedding server for the end-to-end rows")
     p.add_argument("--vllm-connections", default="1,8", help="connection counts of the end-to-end rows")
@@ -855,6 +885,8 @@ def main(argv: list[str]) -> int:
         "direct": Target("direct", "direct (no proxy)", Bench.start_direct),
         "gateway-1w": Target("gateway-1w", "gateway, 1 worker", Bench.start_gateway1),
         "gateway-2w-redis": Target("gateway-2w-redis", "gateway, 2 workers + Redis", Bench.start_gateway2),
+        "gateway-1w-redis": Target("gateway-1w-redis", "gateway, 1 worker + Redis", Bench.start_gateway1_redis),
+        "bare-2w": Target("bare-2w", "bare pass-through, 2 workers", Bench.start_bare2),
         "gateway-4w-2cores": Target("gateway-4w-2cores", "gateway, 4 workers on 2 cores", Bench.start_gateway4),
         "gateway-cache-hit": Target("gateway-cache-hit", "gateway, 1 worker, cache hits", Bench.start_gateway_cache),
         "gateway-cache-miss": Target("gateway-cache-miss", "gateway, 1 worker, cache misses",
@@ -881,16 +913,19 @@ def main(argv: list[str]) -> int:
     log(f"results: {out}; logs of this run: {workdir}")
     try:
         bench.start_upstream()
-        # The floor's goals compare gateway-1w with bare: measured side by side, connection count by count.
-        paired = ["gateway-1w", "bare"] if "gateway-1w" in names and "bare" in names else []
+        # The floor's and the workers' goals compare rows with gateway-1w: measured side by side,
+        # connection count by connection count (this VM drifts by more than the goals over minutes).
+        paired = [n for n in PAIRED if n in names] if "gateway-1w" in names else []
+        if len(paired) < 2:
+            paired = []
         if paired:
-            bench.notes.append("gateway-1w and bare measured side by side: both started, their rows at each "
+            bench.notes.append(f"{', '.join(paired)} measured side by side: all started, their rows at each "
                                "connection count taken one after the other")
         for n in names:
-            if n == "gateway-1w" and paired:
-                bench.measure_together([all_targets[p] for p in paired], conns)
-            elif n not in paired:
+            if n not in paired:
                 bench.measure(all_targets[n], conns)
+            elif n == next(p for p in names if p in paired):  # the group, where its first member is named
+                bench.measure_together([all_targets[p] for p in paired], conns)
         if split:
             from split_bench import split_rows  # bench/ is the script's directory
             bench.split_rows = split_rows(bench, args.duration, python=VENV_PY, bench_dir=BENCH, root=ROOT,

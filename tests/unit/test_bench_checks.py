@@ -35,7 +35,19 @@ def test_the_floor_goals_are_judged_from_the_gateway_and_bare_rows() -> None:
     assert v["4 workers on 2 cores >= 1.7x one worker"] == "not met"  # 5000 / 3500 at 256
 
 
+def test_the_shortfall_of_several_workers_is_broken_down_against_its_own_one_worker_rows() -> None:
+    rows = [row("gateway-1w", 32, 4000), row("gateway-1w-redis", 32, 3900), row("bare", 32, 4200),
+            row("bare-2w", 32, 3780), row("gateway-1w", 256, 4000), row("gateway-1w-redis", 256, 4100)]
+    checks = {c["target"]: c for c in bench.target_checks(rows)}
+    redis = checks["the Redis round trip alone: 1 worker + Redis vs 1 worker"]
+    assert redis["status"] == "context" and "32 connections: 3900 vs 4000 req/s = 0.97x" in redis["detail"]
+    assert "256 connections: 4100 vs 4000 req/s = 1.02x" in redis["detail"]
+    shared = checks["sharing one core: the bare floor, 2 workers vs 1"]
+    assert shared["status"] == "context" and shared["detail"] == "32 connections: 3780 vs 4200 req/s = 0.90x"
+
+
 def test_missing_rows_are_not_applicable_not_met() -> None:
     v = verdicts([row("gateway-1w", 32, 3000)])
     assert v["features at the floor's cost: gateway >= 0.9x the bare floor at 32 connections"] == "n/a"
     assert v["4 workers on 2 cores >= 1.7x one worker"] == "n/a"
+    assert "sharing one core: the bare floor, 2 workers vs 1" not in v  # context only where its rows are
