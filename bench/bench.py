@@ -469,10 +469,10 @@ class Bench:
     def measure(self, t: Target, conns: list[int]) -> None:
         self.measure_together([t], conns)
 
-    def measure_together(self, targets: list[Target], conns: list[int]) -> None:
+    def measure_together(self, targets: list[Target], conns: list[int], rounds: int = 1) -> None:
         """Start every target, then at each connection count measure one after the other, so that rows to be
-        compared are seconds apart rather than minutes (this shared VM drifts over minutes); the rows are
-        recorded target by target."""
+        compared are seconds apart rather than minutes (this shared VM drifts over minutes), `rounds` times
+        in turn; each target's row is its median round (median_row). Rows are recorded target by target."""
         started: list[tuple[Target, float]] = []
         for t in targets:
             start_s = self._start_measured(t, conns)
@@ -481,14 +481,19 @@ class Bench:
         rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t, _ in started}
         dead: set[str] = set()
         for c in conns:
-            for t, start_s in started:
-                if t.name in dead:
-                    continue
-                row = self._measure_row(t, c, start_s)
-                rows[t.name].append(row)
-                if "process died" in row.get("error", ""):
-                    dead.add(t.name)
-                time.sleep(self.args.pause)
+            samples: dict[str, list[dict[str, Any]]] = {t.name: [] for t, _ in started}
+            for _ in range(max(1, rounds)):
+                for t, start_s in started:
+                    if t.name in dead:
+                        continue
+                    row = self._measure_row(t, c, start_s)
+                    samples[t.name].append(row)
+                    if "process died" in row.get("error", ""):
+                        dead.add(t.name)
+                    time.sleep(self.args.pause)
+            for name, taken in samples.items():
+                if taken:
+                    rows[name].append(median_row(taken))
         for t, _ in started:
             self.rows.extend(rows[t.name])
             self.stop_target(t)
@@ -565,6 +570,24 @@ class Bench:
         return row
 
 
+def median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median throughput (the lower middle of an even count), carrying every round's
+    req/s and p99 and the socket errors of all rounds together (an error in any round stays visible)."""
+    good = [r for r in rounds if "rps" in r and "error" not in r]
+    if not good:
+        return rounds[0]
+    row = dict(sorted(good, key=lambda r: r["rps"])[(len(good) - 1) // 2])
+    if len(rounds) > 1:
+        row["rounds_rps"] = [r.get("rps") for r in rounds]
+        row["rounds_p99_ms"] = [r.get("p99_ms") for r in rounds]
+        row["rounds_socket_errors"] = sum(r.get("socket_errors", 0) for r in good)
+        row["rounds_non_2xx"] = sum(r.get("non_2xx", 0) for r in good)
+        failed = [r["error"] for r in rounds if "error" in r]
+        if failed:
+            row["error"] = f"{len(failed)} of {len(rounds)} rounds failed: {failed[0][:300]}"
+    return row
+
+
 def _redis_ping(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
         s.sendall(b"PING\r\n")
@@ -624,7 +647,7 @@ def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         g = get(gw, c)
         if g:
             have = True
-            bad = g["socket_errors"] + g["non_2xx"]
+            bad = g.get("rounds_socket_errors", g["socket_errors"]) + g.get("rounds_non_2xx", g["non_2xx"])
             ok = ok and bad == 0
             parts.append(f"{c}: connect {g['connect_errors']}, read {g['read_errors']}, write {g['write_errors']}, "
                          f"timeout {g['timeouts']}, non-2xx {g['non_2xx']}")
@@ -793,6 +816,11 @@ def markdown(doc: dict[str, Any]) -> str:
         rss = "–" if "rss_mb" not in r else (
             f"{r['rss_mb']:.0f}" + (f" ({r['rss_max_process_mb']:.0f})" if r.get("processes", 1) > 1 else ""))
         note = r.get("note", "")
+        if r.get("rounds_rps"):
+            spread = ", ".join(f"{x:,.0f}" for x in r["rounds_rps"] if x is not None)
+            note = (note + "; " if note else "") + f"median of {len(r['rounds_rps'])} rounds (req/s {spread})"
+            if r.get("rounds_socket_errors"):
+                note += f"; socket errors in all rounds: {r['rounds_socket_errors']}"
         if r.get("non_2xx"):
             codes = ", ".join(f"{k}: {v}" for k, v in sorted(r.get("statuses", {}).items()) if not k.startswith("2"))
             note = (note + "; " if note else "") + f"statuses {codes}; first: {r.get('first_non_2xx', '')[:160]}"
@@ -841,6 +869,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--wrk-timeout", type=float, default=5.0, help="wrk's per-request timeout in seconds")
     p.add_argument("--litellm-start-timeout", type=float, default=180.0)
     p.add_argument("--pause", type=float, default=0.5, help="seconds between rows")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of the side-by-side group (gateway-1w, bare, the worker rows): each row is the "
+                        "median round (default 3, --quick 1)")
     p.add_argument("--out", default=str(RESULTS), help="results directory")
     p.add_argument("--no-latest", action="store_true", help="only write the timestamped copy")
     p.add_argument("--no-install", action="store_true", help="(bench/run.sh) skip the installs")
@@ -848,6 +879,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.duration is None:
         a.duration = 3.0 if a.quick else 10.0
+    if a.rounds is None:
+        a.rounds = 1 if a.quick else 3
     if a.warmup is None:
         a.warmup = 1.0 if a.quick else 2.0
     return a
@@ -925,7 +958,7 @@ def main(argv: list[str]) -> int:
             if n not in paired:
                 bench.measure(all_targets[n], conns)
             elif n == next(p for p in names if p in paired):  # the group, where its first member is named
-                bench.measure_together([all_targets[p] for p in paired], conns)
+                bench.measure_together([all_targets[p] for p in paired], conns, args.rounds)
         if split:
             from split_bench import split_rows  # bench/ is the script's directory
             bench.split_rows = split_rows(bench, args.duration, python=VENV_PY, bench_dir=BENCH, root=ROOT,

@@ -46,6 +46,21 @@ def test_the_shortfall_of_several_workers_is_broken_down_against_its_own_one_wor
     assert shared["status"] == "context" and shared["detail"] == "32 connections: 3780 vs 4200 req/s = 0.90x"
 
 
+def test_a_side_by_side_row_is_its_median_round_and_keeps_every_rounds_errors() -> None:
+    rounds = [row("gateway-1w", 32, 4100), row("gateway-1w", 32, 2900), row("gateway-1w", 32, 3600)]
+    rounds[0]["timeouts"] = rounds[0]["socket_errors"] = 3
+    median = bench.median_row(rounds)
+    assert median["rps"] == 3600 and median["rounds_rps"] == [4100, 2900, 3600]
+    assert median["rounds_socket_errors"] == 3 and median["socket_errors"] == 0
+    clean = bench.median_row([row("gateway-1w", 500, 3000), row("gateway-1w", 500, 3100)])
+    at_500 = dict(median, connections=500)
+    check = "zero socket errors / timeouts at 256 and 500 connections"
+    assert verdicts([row("gateway-1w", 256, 3000), clean])[check] == "met"
+    assert verdicts([row("gateway-1w", 256, 3000), at_500])[check] == "not met"  # an error in a round that lost
+    failed = bench.median_row([row("bare", 32, 4000), {"target": "bare", "connections": 32, "error": "boom"}])
+    assert failed["rps"] == 4000 and failed["error"].startswith("1 of 2 rounds failed: boom")
+
+
 def test_missing_rows_are_not_applicable_not_met() -> None:
     v = verdicts([row("gateway-1w", 32, 3000)])
     assert v["features at the floor's cost: gateway >= 0.9x the bare floor at 32 connections"] == "n/a"
