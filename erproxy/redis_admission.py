@@ -238,7 +238,11 @@ class RedisAdmission:
     # ---- state of the connection ---------------------------------------------------------------
     def _note_down(self, e: BaseException) -> None:
         if self._redis_ok:
-            log.error("Redis at %s unreachable (%s): %s", _safe_url(self.url), e,
+            # An error reply (WRONGTYPE: another program's key under ours, a read-only replica, OOM...)
+            # is not an outage: say what Redis answered, so the operator looks at the right thing.
+            what = (f"answered the admission with an error ({e})" if isinstance(e, RespError)
+                    else f"unreachable ({e})")
+            log.error("Redis at %s %s: %s", _safe_url(self.url), what,
                       "admitting under per-process limits (REDIS_FAIL_OPEN=true)" if self.fail_open
                       else "refusing requests with 503 until it is back")
         self._redis_ok = False

@@ -221,6 +221,22 @@ async def test_admissions_of_one_turn_share_one_script_and_are_decided_in_order(
         await adm.close()
 
 
+async def test_an_error_reply_is_logged_as_what_redis_answered_not_as_an_outage(server, caplog):
+    adm = ra.RedisAdmission(server.url, "1000/minute", 5)
+    r = redis.Redis.from_url(server.url)
+    r.set("erproxy:inflight", "another program's string")  # our lease set's name, the wrong type
+    await adm.start()
+    try:
+        with caplog.at_level("ERROR", logger="erproxy.redis"):
+            with pytest.raises(ApiError) as e:
+                await adm.admit(Identity("k", "er-k", bucket="b5"))
+        assert e.value.status == 503 and e.value.code == "limits_unavailable"  # fail closed, as for an outage
+        [line] = [rec.getMessage() for rec in caplog.records if rec.name == "erproxy.redis"]
+        assert "answered the admission with an error (WRONGTYPE" in line and "unreachable" not in line
+    finally:
+        await adm.close()
+
+
 async def test_a_cancelled_admission_gives_back_what_it_took(server):
     adm = ra.RedisAdmission(server.url, "1000/minute", 5)
     r = redis.Redis.from_url(server.url)
