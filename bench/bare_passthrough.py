@@ -99,19 +99,15 @@ if __name__ == "__main__":
     p.add_argument("--server", choices=("uvicorn", "granian", "granian-rsgi"), default="uvicorn")
     p.add_argument("--workers", type=int, default=1)
     a = p.parse_args()
-    if a.server == "uvicorn" and a.workers > 1:
+    if a.server == "uvicorn":
         import uvicorn
 
-        # workers import the app by name: it reads the upstream from the environment
-        os.environ["BARE_UPSTREAM"] = a.upstream
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        uvicorn.run("bare_passthrough:app_from_env", factory=True, workers=a.workers, host="127.0.0.1",
-                    port=a.port, loop="uvloop", http="httptools", access_log=False, log_level="warning",
-                    proxy_headers=False)
-    elif a.server == "uvicorn":
-        import uvicorn
-
-        uvicorn.run(make_app(a.upstream), host="127.0.0.1", port=a.port, loop="uvloop", http="httptools",
-                    access_log=False, log_level="warning", proxy_headers=False)
+        app = make_app(a.upstream)
+        if a.workers > 1:  # worker processes import the app by name; it reads the upstream from the environment
+            os.environ["BARE_UPSTREAM"] = a.upstream
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            app = "bare_passthrough:app_from_env"
+        uvicorn.run(app, factory=a.workers > 1, workers=a.workers, host="127.0.0.1", port=a.port, loop="uvloop",
+                    http="httptools", access_log=False, log_level="warning", proxy_headers=False)
     else:
         serve_granian(a.port, a.upstream, rsgi=a.server == "granian-rsgi")

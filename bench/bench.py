@@ -340,39 +340,32 @@ class Bench:
         self._start_gateway(t, "gateway-1w-redis", self.gateway_env(
             self.upstream_url, WORKERS="1", REDIS_URL=self._start_redis(t)))
 
-    def start_bare2(self, t: Target) -> None:
-        port = free_port()
-        t.proc = self.procs.start("bare-2w", [str(VENV_PY), str(BENCH / "bare_passthrough.py"), "--port", str(port),
-                                              "--upstream", self.upstream_url, "--workers", "2"])
-        t.url = f"http://127.0.0.1:{port}"
-        t.note = "the bare floor with 2 worker processes on core 0: what sharing one core costs without the gateway"
-        wait_until("bare pass-through, 2 workers", lambda: post_ok(t.url, ""), 20, t.proc)
-
     def start_gateway4(self, t: Target) -> None:
         t.note = "4 workers (private Redis) on cores 0 and 1; wrk shares core 1, the upstream core 0"
         self._start_gateway(t, "gateway-4w-2cores", self.gateway_env(self.upstream_url, WORKERS="4"), cpu="0,1")
 
     def start_bare(self, t: Target) -> None:
-        port = free_port()
-        t.proc = self.procs.start("bare", [str(VENV_PY), str(BENCH / "bare_passthrough.py"), "--port", str(port),
-                                           "--upstream", self.upstream_url])
-        t.url = f"http://127.0.0.1:{port}"
-        t.note = "reference floor: same uvicorn + aiohttp stack, no features"
-        wait_until("bare pass-through", lambda: post_ok(t.url, ""), 20, t.proc)
+        self._start_bare(t, "bare", [], "reference floor: same uvicorn + aiohttp stack, no features")
+
+    def start_bare2(self, t: Target) -> None:
+        self._start_bare(t, "bare-2w", ["--workers", "2"],
+                         "the bare floor with 2 worker processes on core 0: what sharing one core costs without the gateway")
 
     def start_bare_granian(self, t: Target) -> None:
-        self._start_bare_on(t, "granian", "same ASGI pass-through served by Granian")
+        self._start_bare(t, "bare-granian", ["--server", "granian"], "same ASGI pass-through served by Granian")
 
     def start_bare_granian_rsgi(self, t: Target) -> None:
-        self._start_bare_on(t, "granian-rsgi", "same pass-through on Granian's RSGI interface")
+        self._start_bare(t, "bare-granian-rsgi", ["--server", "granian-rsgi"],
+                         "same pass-through on Granian's RSGI interface")
 
-    def _start_bare_on(self, t: Target, server: str, note: str) -> None:
+    def _start_bare(self, t: Target, name: str, args: list[str], note: str) -> None:
+        """bench/bare_passthrough.py with `args`, on core 0, as target `t`."""
         port = free_port()
-        t.proc = self.procs.start(f"bare-{server}", [str(VENV_PY), str(BENCH / "bare_passthrough.py"), "--port",
-                                                     str(port), "--upstream", self.upstream_url, "--server", server])
+        t.proc = self.procs.start(name, [str(VENV_PY), str(BENCH / "bare_passthrough.py"), "--port", str(port),
+                                         "--upstream", self.upstream_url, *args])
         t.url = f"http://127.0.0.1:{port}"
         t.note = note
-        wait_until(f"bare pass-through ({server})", lambda: post_ok(t.url, ""), 20, t.proc)
+        wait_until(f"{name} pass-through", lambda: post_ok(t.url, ""), 20, t.proc)
 
     def start_gateway1_uvicorn(self, t: Target) -> None:
         self._start_gateway(t, "gateway-1w-uvicorn", self.gateway_env(self.upstream_url, WORKERS="1", SERVER="uvicorn"))
