@@ -184,7 +184,9 @@ def run_server(settings: Settings) -> None:
     import uvicorn
 
     common = dict(
-        host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
+        # uvloop whose listening socket takes every waiting connection at once (accepting.py)
+        host=settings.host, port=settings.port, loop="erproxy.accepting:new_event_loop", http="httptools",
+        lifespan="on",
         access_log=False, log_level=settings.log_level, timeout_keep_alive=max(1, round(settings.keep_alive)),
         server_header=False, log_config=None, timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
         ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile, proxy_headers=False,
@@ -195,7 +197,17 @@ def run_server(settings: Settings) -> None:
     else:
         from .app import create_app
 
-        uvicorn.run(create_app(settings), **common)
+        # bound here, as for several workers, so the loop's create_server gets the socket (accepting.py)
+        config = uvicorn.Config(create_app(settings), **common)
+        server = uvicorn.Server(config)
+        try:
+            server.run(sockets=[config.bind_socket()])
+        except KeyboardInterrupt:
+            pass
+        if not server.started:
+            from uvicorn.config import STARTUP_FAILURE
+
+            sys.exit(STARTUP_FAILURE)  # as uvicorn.run exits
 
 
 def share_revocation(settings: Settings, key_hash: str) -> None:

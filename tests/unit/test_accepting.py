@@ -1,0 +1,169 @@
+"""The gateway's event loop (erproxy/accepting.py): a worker whose loop is busy still takes every
+connection waiting for it at once, instead of one per loop turn (uvloop's own server), which at 500
+connections left clients waiting past their timeout before the gateway ever saw their request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import pytest
+
+from erproxy import accepting, cli
+from erproxy.accepting import GatewayLoop, new_event_loop
+from erproxy.settings import Settings
+
+N_CLIENTS = 40
+
+
+class Counted(asyncio.Protocol):
+    """Records the loop turn its connection was handed over in, answers one byte per byte received."""
+
+    made: list[int] = []
+    turn = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Counted.made.append(Counted.turn)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+def listening(loop: asyncio.AbstractEventLoop, backlog: int = 128) -> tuple[asyncio.AbstractServer, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, not listening: what uvicorn hands over (Config.bind_socket)
+    server = loop.run_until_complete(loop.create_server(Counted, sock=sock, backlog=backlog))
+    return server, sock.getsockname()[1]
+
+
+def busy_turns(loop: asyncio.AbstractEventLoop, until: int, max_turns: int = 400) -> None:
+    """Run the loop as a saturated worker does: every turn takes 5 ms of work."""
+
+    async def busy() -> None:
+        while len(Counted.made) < until and Counted.turn < max_turns:
+            Counted.turn += 1
+            time.sleep(0.005)
+            await asyncio.sleep(0)
+
+    loop.run_until_complete(busy())
+
+
+@pytest.fixture()
+def loop():
+    Counted.made, Counted.turn = [], 0
+    loop = new_event_loop()
+    yield loop
+    loop.close()
+
+
+def test_a_busy_worker_takes_every_waiting_connection_in_one_turn(loop) -> None:
+    assert isinstance(loop, GatewayLoop)
+    server, port = listening(loop)
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(N_CLIENTS)]  # queued in the kernel
+    try:
+        busy_turns(loop, until=N_CLIENTS)
+        assert len(Counted.made) == N_CLIENTS
+        # uvloop's own server takes one per turn: 40 turns, 200 ms of waiting for the last client here,
+        # seconds on a real saturated worker
+        assert max(Counted.made) <= 3, Counted.made
+        for c in clients:  # and each one is served
+            c.sendall(b"x")
+        busy_turns(loop, until=N_CLIENTS, max_turns=Counted.turn + 3)
+        for c in clients:
+            c.settimeout(5)
+            assert c.recv(1) == b"x"
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+
+
+def test_no_more_than_backlog_connections_are_taken_per_turn(loop) -> None:
+    server, port = listening(loop, backlog=8)
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+    try:
+        busy_turns(loop, until=8)
+        clients += [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        first = Counted.turn
+        busy_turns(loop, until=16)
+        # a flood cannot hold the loop: at most `backlog` per readiness, the rest on the next turns
+        assert len(Counted.made) == 16 and Counted.turn - first <= 4
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+
+
+def test_a_closed_server_refuses_new_connections_and_keeps_the_ones_it_serves(loop) -> None:
+    server, port = listening(loop)
+    kept = socket.create_connection(("127.0.0.1", port))
+    busy_turns(loop, until=1)
+    server.close()
+    assert not server.is_serving() and server.sockets == ()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    kept.sendall(b"y")
+    busy_turns(loop, until=2, max_turns=Counted.turn + 3)
+    kept.settimeout(5)
+    assert kept.recv(1) == b"y"
+    kept.close()
+
+
+class OutOfFiles(socket.socket):
+    """A listening socket whose first accept fails as it does when the process has no descriptor left."""
+
+    failures = 1
+
+    def accept(self):  # type: ignore[override]
+        if OutOfFiles.failures:
+            OutOfFiles.failures -= 1
+            raise OSError(24, "Too many open files")
+        return super().accept()
+
+
+def test_out_of_descriptors_pauses_accepting_and_resumes_without_losing_the_connection(loop, monkeypatch,
+                                                                                        caplog) -> None:
+    monkeypatch.setattr(accepting, "ACCEPT_RETRY_DELAY_S", 0.05)
+    sock = OutOfFiles()
+    sock.bind(("127.0.0.1", 0))
+    server = loop.run_until_complete(loop.create_server(Counted, sock=sock, backlog=16))
+    client = socket.create_connection(("127.0.0.1", sock.getsockname()[1]))
+    try:
+        with caplog.at_level(logging.ERROR, logger="erproxy"):
+            busy_turns(loop, until=1, max_turns=4)
+            assert Counted.made == [] and not server.is_serving()  # paused, not spinning on the error
+            assert "cannot accept connections" in caplog.text and "Too many open files" in caplog.text
+            loop.run_until_complete(asyncio.sleep(0.1))
+            busy_turns(loop, until=1)
+        assert len(Counted.made) == 1 and server.is_serving()
+    finally:
+        client.close()
+        server.close()
+
+
+def test_one_worker_runs_on_the_gateway_loop_with_the_socket_it_bound(monkeypatch) -> None:
+    """cli.run_server hands uvicorn a bound socket, so its create_server goes through GatewayLoop."""
+    seen = {}
+
+    def fake_run(self, sockets=None):
+        seen["loop"] = self.config.get_loop_factory()()
+        seen["sockets"] = sockets
+        self.started = True
+
+    monkeypatch.setattr("uvicorn.Server.run", fake_run)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = Settings(embedding_upstreams="http://127.0.0.1:9", reranker_upstreams="http://127.0.0.1:9",
+                        host="127.0.0.1", port=port)
+    cli.run_server(settings)
+    try:
+        assert isinstance(seen["loop"], GatewayLoop)
+        assert len(seen["sockets"]) == 1 and seen["sockets"][0].getsockname() == ("127.0.0.1", port)
+    finally:
+        seen["loop"].close()
+        for s in seen["sockets"]:
+            s.close()
