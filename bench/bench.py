@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -214,10 +215,12 @@ def run_wrk(url: str, conns: int, duration: float, timeout_s: float, auth: str =
     env = {**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth, "BENCH_PATH": path, "BENCH_HEADER": header}
     cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s",
            f"--timeout", f"{timeout_s:g}s", "-s", str(BENCH / "post.lua"), url]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     try:
         out, _ = p.communicate(timeout=duration + timeout_s + 30)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped meanwhile
     except BaseException:
         try:
             os.killpg(p.pid, signal.SIGKILL)
@@ -231,6 +234,8 @@ def run_wrk(url: str, conns: int, duration: float, timeout_s: float, auth: str =
     r = json.loads(m.group(1))
     r["rps"] = round(r["requests"] / (r["duration_us"] / 1e6), 1) if r["duration_us"] else 0.0
     r["socket_errors"] = r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"]
+    wrk_cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    r["load_cpu_pct"] = round(100.0 * wrk_cpu_s / (r["duration_us"] / 1e6), 1) if r["duration_us"] else None
     return r
 
 
@@ -551,7 +556,7 @@ class Bench:
         if wrk:
             row.update({k: wrk[k] for k in ("rps", "requests", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms",
                                             "max_ms", "non_2xx", "connect_errors", "read_errors", "write_errors",
-                                            "timeouts", "socket_errors", "statuses")})
+                                            "timeouts", "socket_errors", "statuses", "load_cpu_pct")})
             if wrk.get("non_2xx"):
                 row["first_non_2xx"] = wrk.get("first_error", "")
         if start_s is not None:
@@ -724,6 +729,18 @@ def floor_checks(get: Callable[[str, int], dict[str, Any] | None], add: Callable
                 parts.append(f"{c} connections: {o['rps']:.0f} vs {one['rps']:.0f} req/s = {o['rps'] / one['rps']:.2f}x")
         if parts:
             add(what, "context", "; ".join(parts))
+    # The 4-worker row shares its 2 cores with wrk and the upstream; one worker had a core of its own, wrk
+    # another. At one worker's CPU per request (gateway + upstream + wrk) those 2 cores give at most this.
+    parts = []
+    for c in (32, 256):
+        one = get(gw, c)
+        spent = [one.get(k) for k in ("proxy_cpu_pct", "upstream_cpu_pct", "load_cpu_pct")] if one else []
+        if spent and all(spent):
+            parts.append(f"{c} connections: 200 / ({spent[0]:.0f} + {spent[1]:.0f} + {spent[2]:.0f}) % "
+                         f"= {200.0 / sum(spent):.2f}x")
+    if parts:
+        add("the most 2 cores allow 4 workers: 2 cores over one worker's CPU per request "
+            "(gateway + upstream + wrk)", "context", "; ".join(parts))
 
 
 def _cmd(cmd: list[str]) -> str:
@@ -795,11 +812,11 @@ def markdown(doc: dict[str, Any]) -> str:
         "+p50/+p99: added latency versus direct at the same connections. RSS: sum over the proxy's process "
         "tree (largest single process in brackets), max during the row. CPU %: share of one core. Core busy %: "
         "how busy core 0 was, all processes together; well above proxy + upstream means other work on the "
-        "machine disturbed that row.",
+        "machine disturbed that row. wrk CPU %: the load generator's own.",
         "",
         "| target | conns | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | non-2xx | socket errors c/r/w/t | "
-        "RSS MB (max process) | proxy CPU % | upstream CPU % | core busy % | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "RSS MB (max process) | proxy CPU % | upstream CPU % | wrk CPU % | core busy % | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in doc["rows"]:
         if "rps" not in r:
@@ -824,6 +841,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{fmt(r.get('added_p50_ms'), '+.2f')} | {fmt(r.get('added_p99_ms'), '+.2f')} | {r['non_2xx']} | "
             f"{r['connect_errors']}/{r['read_errors']}/{r['write_errors']}/{r['timeouts']} | {rss} | "
             f"{fmt(r.get('proxy_cpu_pct'), '.0f')} | {fmt(r.get('upstream_cpu_pct'), '.0f')} | "
+            f"{fmt(r.get('load_cpu_pct'), '.0f')} | "
             f"{fmt(r.get('core_busy_pct'), '.0f')} | {_md_cell(note)} |")
     lines += ["", "## Targets", "", "| target | status | numbers |", "|---|---|---|"]
     for c in doc["targets"]:

@@ -46,6 +46,30 @@ def test_the_shortfall_of_several_workers_is_broken_down_against_its_own_one_wor
     assert shared["status"] == "context" and shared["detail"] == "32 connections: 3780 vs 4200 req/s = 0.90x"
 
 
+def test_the_ceiling_of_four_workers_on_two_cores_comes_from_one_workers_cpu_per_request() -> None:
+    one_32 = dict(row("gateway-1w", 32, 3400), proxy_cpu_pct=77.0, upstream_cpu_pct=19.0, load_cpu_pct=29.0)
+    one_256 = dict(row("gateway-1w", 256, 3600), proxy_cpu_pct=82.0, upstream_cpu_pct=15.0, load_cpu_pct=25.0)
+    checks = {c["target"]: c for c in bench.target_checks([one_32, one_256])}
+    ceiling = checks["the most 2 cores allow 4 workers: 2 cores over one worker's CPU per request "
+                     "(gateway + upstream + wrk)"]
+    assert ceiling["status"] == "context"
+    assert ceiling["detail"] == ("32 connections: 200 / (77 + 19 + 29) % = 1.60x; "
+                                 "256 connections: 200 / (82 + 15 + 25) % = 1.64x")
+
+
+def test_wrk_reports_its_own_cpu(tmp_path, monkeypatch) -> None:
+    """run_wrk charges the CPU of the wrk it waited for (here a stand-in that spins, then prints a result)."""
+    fake = tmp_path / "wrk"
+    fake.write_text("#!/usr/bin/env python3\nimport time\nt = time.process_time()\n"
+                    "while time.process_time() - t < 0.3: pass\n"
+                    "print('BENCH_JSON {\"requests\": 10, \"duration_us\": 1000000, \"connect_errors\": 0, '\n"
+                    "      '\"read_errors\": 0, \"write_errors\": 0, \"timeouts\": 0}')\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{bench.os.environ['PATH']}")
+    r = bench.run_wrk("http://127.0.0.1:9", 1, 1, 5)
+    assert 25 <= r["load_cpu_pct"] <= 60, r  # ~0.3 s of CPU over a 1 s run
+
+
 def test_a_side_by_side_row_is_its_median_round_and_keeps_every_rounds_errors() -> None:
     rounds = [row("gateway-1w", 32, 4100), row("gateway-1w", 32, 2900), row("gateway-1w", 32, 3600)]
     rounds[0]["timeouts"] = rounds[0]["socket_errors"] = 3
