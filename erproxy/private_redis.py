@@ -15,6 +15,7 @@ REDIS_URL.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ log = logging.getLogger("erproxy.redis")
 
 DIR_NAME = ".redis"
 SOCKET_NAME = "redis.sock"
+LOCK_NAME = "gateway.lock"  # held by the gateway that runs the private redis-server, for as long as it runs
 LOG_NAME = "redis.log"
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 30.0
@@ -88,6 +90,7 @@ class PrivateRedis:
         self.socket = directory / SOCKET_NAME
         self.binary = binary
         self.popen: subprocess.Popen | None = None
+        self.lock_fd: int | None = None
 
     @property
     def url(self) -> str:
@@ -103,6 +106,29 @@ class PrivateRedis:
                                     "or set REDIS_URL")
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
+        self._lock()
+        try:
+            return self._start(exe)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _lock(self) -> None:
+        """One gateway per data folder: two redis-servers on one append-only file would corrupt it. The PING
+        check below cannot see a gateway started at the same moment, before its Redis answers; the lock
+        can (released by the kernel if the gateway dies)."""
+        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PrivateRedisError(
+                f"another gateway with the same API_KEYS_FILE folder runs its private redis-server in "
+                f"{self.directory}; stop it first, or give this one REDIS_URL=unix://{self.socket} to share it"
+            ) from None
+        self.lock_fd = fd
+
+    def _start(self, exe: str) -> "PrivateRedis":
         if self.socket.exists() or self.socket.is_symlink():
             if answers_ping(self.socket):
                 raise PrivateRedisError(
@@ -121,7 +147,6 @@ class PrivateRedis:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not answers_ping(self.socket):
             if self.popen.poll() is not None or time.monotonic() > deadline:
-                self.stop()
                 raise PrivateRedisError(f"the private redis-server did not start; its log "
                                         f"{self.directory / LOG_NAME} ends with:\n{self._log_tail()}")
             time.sleep(0.05)
@@ -129,7 +154,16 @@ class PrivateRedis:
         return self
 
     def stop(self) -> None:
-        """SIGTERM (Redis fsyncs its append-only file and exits), then SIGKILL after STOP_TIMEOUT_S."""
+        """SIGTERM (Redis fsyncs its append-only file and exits), then SIGKILL after STOP_TIMEOUT_S; then the
+        folder's lock is given up."""
+        try:
+            self._stop_server()
+        finally:
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)  # releases the flock
+                self.lock_fd = None
+
+    def _stop_server(self) -> None:
         p = self.popen
         if p is None:
             return

@@ -1,6 +1,7 @@
 """WORKERS>1 without REDIS_URL: the gateway's own redis-server (unix socket, no TCP port, persisted)."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -172,3 +173,22 @@ def test_private_redis_is_stopped_when_uvicorn_cannot_start(tmp_path, fake_embed
     while redis_on(sock) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not redis_on(sock) and not sock.exists()
+
+
+def test_two_gateways_starting_at_once_on_one_folder_never_run_two_redis_servers(tmp_path, monkeypatch):
+    """Two redis-servers on one append-only file would corrupt it. The second gateway may look before the
+    first one's Redis answers PING; the folder's lock still refuses it, and frees the folder at stop."""
+    from erproxy import private_redis
+
+    folder = tmp_path / ".redis"
+    first = private_redis.PrivateRedis(folder).start()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(private_redis, "answers_ping", lambda *a, **k: False)  # the first is still starting
+            with pytest.raises(private_redis.PrivateRedisError, match="another gateway with the same API_KEYS_FILE"):
+                private_redis.PrivateRedis(folder).start()
+        assert len(redis_children(os.getpid())) == 1 and private_redis.answers_ping(first.socket)
+    finally:
+        first.stop()
+    second = private_redis.PrivateRedis(folder).start()  # the first has stopped: the folder is free again
+    second.stop()
