@@ -144,9 +144,9 @@ def test_out_of_descriptors_pauses_accepting_and_resumes_without_losing_the_conn
         server.close()
 
 
-def test_one_worker_runs_on_the_gateway_loop_with_the_socket_it_bound(monkeypatch) -> None:
-    """cli.run_server hands uvicorn a bound socket, so its create_server goes through GatewayLoop."""
-    seen = {}
+def bound_by_run_server(monkeypatch, host: str) -> dict:
+    """What cli.run_server hands uvicorn's Server.run for one worker on `host` (Server.run not run)."""
+    seen: dict = {}
 
     def fake_run(self, sockets=None):
         seen["loop"] = self.config.get_loop_factory()()
@@ -154,12 +154,19 @@ def test_one_worker_runs_on_the_gateway_loop_with_the_socket_it_bound(monkeypatc
         self.started = True
 
     monkeypatch.setattr("uvicorn.Server.run", fake_run)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    settings = Settings(embedding_upstreams="http://127.0.0.1:9", reranker_upstreams="http://127.0.0.1:9",
-                        host="127.0.0.1", port=port)
-    cli.run_server(settings)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        seen["port"] = probe.getsockname()[1]
+    cli.run_server(Settings(embedding_upstreams="http://127.0.0.1:9", reranker_upstreams="http://127.0.0.1:9",
+                            host=host, port=seen["port"]))
+    return seen
+
+
+def test_one_worker_runs_on_the_gateway_loop_with_the_socket_it_bound(monkeypatch) -> None:
+    """cli.run_server hands uvicorn a bound socket, so its create_server goes through GatewayLoop."""
+    seen = bound_by_run_server(monkeypatch, "127.0.0.1")
+    port = seen["port"]
     try:
         assert isinstance(seen["loop"], GatewayLoop)
         assert len(seen["sockets"]) == 1 and seen["sockets"][0].getsockname() == ("127.0.0.1", port)
@@ -167,3 +174,26 @@ def test_one_worker_runs_on_the_gateway_loop_with_the_socket_it_bound(monkeypatc
         seen["loop"].close()
         for s in seen["sockets"]:
             s.close()
+
+
+def ipv6_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_works(), reason="IPv6 is off on this machine")
+def test_host_any_ipv6_listens_on_ipv6_and_ipv4_alike(monkeypatch) -> None:
+    """HOST=:: is dual-stack with one worker as with several (uvicorn binds the socket in both cases)."""
+    seen = bound_by_run_server(monkeypatch, "::")
+    sock = seen["sockets"][0]
+    try:
+        sock.listen(8)
+        for address in ("::1", "127.0.0.1"):
+            socket.create_connection((address, seen["port"]), timeout=5).close()
+    finally:
+        seen["loop"].close()
+        sock.close()
