@@ -209,7 +209,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(frozen=True, validate_default=True, extra="forbid")
 
-    host: Text = knob("0.0.0.0", "Address the gateway listens on.")
+    host: Text = knob("0.0.0.0", "Address the gateway listens on (`::`: IPv6 and IPv4 alike).")
     port: Annotated[int, integer(1, 65535)] = knob("2048", "Port the gateway listens on.")
     workers: Annotated[int, _reader(_workers)] = knob(
         "1", "Worker processes sharing the port (`auto`: one per CPU core). More than 1 shares limits, revocations, "
