@@ -197,7 +197,9 @@ class Gateway:
             return e, f"auth={reason}"
         address = throttle.client(req)
         count, left = await throttle.failed(address)
-        note = f"client={address} auth={reason} auth_failures={count}/{throttle.limit}"
+        counted = throttle.counted_as(address)  # an IPv6 client counts with its /64 (AUTH_FAILURE_IPV6_PREFIX)
+        note = (f"client={address}" + (f" counted_as={counted}" if counted != address else "")
+                + f" auth={reason} auth_failures={count}/{throttle.limit}")
         if count > throttle.limit:
             self.metrics.auth_throttled.inc()
             return too_many_failures(math.ceil(left)), note
@@ -272,7 +274,8 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Gatewa
                         split_documents=settings.split_rerank_documents)
     handlers.keys = keys  # /health shows the key file's state
     throttle = make_auth_throttle(settings.auth_failure_limit, settings.auth_failure_window,
-                                  settings.trusted_proxies, getattr(admission, "redis", None))
+                                  settings.trusted_proxies, getattr(admission, "redis", None),
+                                  settings.auth_failure_ipv6_prefix)
     accounting = make_accounting(settings, admission, metrics)
     table = route_table(handlers)
     table = RouteTable([*table.routes, *usage_routes(accounting.usage)])  # GET /v1/usage

@@ -13,7 +13,12 @@ empty. Counting happens on the failure path only.
 
 The client address is the connecting one; X-Forwarded-For is believed only when the connection
 comes from an address in TRUSTED_PROXIES (the rightmost address in it that is not a trusted
-proxy is the client).
+proxy is the client). An IPv4 client reaching a dual-stack socket (HOST=::) as ::ffff:a.b.c.d is
+its IPv4 address.
+
+IPv6 clients are counted per network of AUTH_FAILURE_IPV6_PREFIX bits (64 by default): one
+subscriber gets a whole /64, so counting each address alone would give a guesser 2^64 fresh
+addresses. 128 counts every address alone (clouds where unrelated hosts share a /64).
 
 With REDIS_URL the failures are counted in Redis (one atomic script per failure, shared by every
 worker and instance), and an address that reaches the limit is put in a shared set of blocked
@@ -123,6 +128,8 @@ class TrustedProxies:
         """The client's address: the connecting one, or from X-Forwarded-For when a trusted proxy connects."""
         peer = req.scope.get("client")
         address = peer[0] if peer else "-"
+        if address.startswith("::ffff:") and "." in address:  # IPv4 on a dual-stack socket
+            address = address[7:]
         if not (self.exact or self.nets) or address not in self:
             return address
         forwarded = [v for k, v in req.scope["headers"] if k == b"x-forwarded-for"]
@@ -139,15 +146,41 @@ class TrustedProxies:
         return hops[0] if hops else address
 
 
+class CountedAs:
+    """What a client address is counted as: itself (IPv4), or its IPv6 network of `prefix` bits."""
+
+    def __init__(self, prefix: int = 64) -> None:
+        self.prefix = prefix
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, address: str) -> str:
+        if ":" not in address or self.prefix >= 128:
+            return address
+        counted = self._seen.get(address)
+        if counted is None:
+            try:
+                ip = ipaddress.IPv6Address(address)
+            except ValueError:
+                counted = address
+            else:
+                mapped = ip.ipv4_mapped
+                counted = str(mapped) if mapped else str(ipaddress.IPv6Network((ip, self.prefix), strict=False))
+            if len(self._seen) > 10_000:
+                self._seen.clear()
+            self._seen[address] = counted
+        return counted
+
+
 class AuthThrottle:
-    """Failure counts and blocks per address, in this process."""
+    """Failure counts and blocks per address (IPv6: per network, CountedAs), in this process."""
 
     def __init__(self, limit: int, window: float, trusted: TrustedProxies | None = None, *,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, ipv6_prefix: int = 64) -> None:
         self.limit = limit
         self.window = window
         self.trusted = trusted or TrustedProxies(())
         self.clock = clock
+        self.counted_as = CountedAs(ipv6_prefix)
         self.blocked: dict[str, float] = {}  # address -> blocked until (clock); empty on the common path
         self._failures: dict[str, list[float]] = {}  # address -> [count, window ends]
         self._next_sweep = clock() + SWEEP_EVERY_S
@@ -163,7 +196,7 @@ class AuthThrottle:
 
     def check(self, req: Request) -> None:
         """429 when the request's address is blocked. Call only when `self.blocked` is not empty."""
-        address = self.trusted.client(req)
+        address = self.counted_as(self.trusted.client(req))
         until = self.blocked.get(address)
         now = self.clock()
         if until is not None:
@@ -174,8 +207,9 @@ class AuthThrottle:
             self._sweep(now)
 
     async def failed(self, address: str) -> tuple[int, float]:
-        """Count one failure of `address`; returns (failures in its window, seconds until the window ends)."""
-        return self._count_here(address)
+        """Count one failure of `address` (under what it is counted as); returns (failures in its window,
+        seconds until the window ends)."""
+        return self._count_here(self.counted_as(address))
 
     def _count_here(self, address: str) -> tuple[int, float]:
         now = self.clock()
@@ -205,8 +239,9 @@ class AuthThrottle:
 class RedisAuthThrottle(AuthThrottle):
     """The same, counted in Redis so every worker and instance shares an address's failures."""
 
-    def __init__(self, redis: Any, limit: int, window: float, trusted: TrustedProxies | None = None) -> None:
-        super().__init__(limit, window, trusted)
+    def __init__(self, redis: Any, limit: int, window: float, trusted: TrustedProxies | None = None, *,
+                 ipv6_prefix: int = 64) -> None:
+        super().__init__(limit, window, trusted, ipv6_prefix=ipv6_prefix)
         self.redis = redis
         self._fail = redis.register_script(FAIL)
         self._blocked_now = redis.register_script(BLOCKED)
@@ -223,6 +258,7 @@ class RedisAuthThrottle(AuthThrottle):
     async def failed(self, address: str) -> tuple[int, float]:
         from .redis_admission import REDIS_ERRORS
 
+        address = self.counted_as(address)
         try:
             count, ttl_ms = await self._fail(keys=[PREFIX + address, BLOCKED_SET],
                                              args=[max(1, int(self.window * 1000)), self.limit, address])
@@ -254,12 +290,12 @@ class RedisAuthThrottle(AuthThrottle):
             await asyncio.sleep(BLOCKED_POLL_S)
 
 
-def make_auth_throttle(limit: int, window: float, trusted_proxies: tuple[str, ...], redis: Any = None
-                       ) -> AuthThrottle | None:
+def make_auth_throttle(limit: int, window: float, trusted_proxies: tuple[str, ...], redis: Any = None,
+                       ipv6_prefix: int = 64) -> AuthThrottle | None:
     """The throttle for these settings, shared through `redis` when given; None when the limit is 0."""
     if limit <= 0:
         return None
     trusted = TrustedProxies(trusted_proxies)
     if redis is not None:
-        return RedisAuthThrottle(redis, limit, window, trusted)
-    return AuthThrottle(limit, window, trusted)
+        return RedisAuthThrottle(redis, limit, window, trusted, ipv6_prefix=ipv6_prefix)
+    return AuthThrottle(limit, window, trusted, ipv6_prefix=ipv6_prefix)

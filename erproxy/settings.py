@@ -239,6 +239,9 @@ class Settings(BaseSettings):
         "10", "Unknown keys one client address may send per AUTH_FAILURE_WINDOW (revoked or expired ones do not count); then it gets "
         "429 too_many_auth_failures until the window ends (0 = no limit).")
     auth_failure_window: Seconds = knob("60", "Seconds over which AUTH_FAILURE_LIMIT counts an address's failures.")
+    auth_failure_ipv6_prefix: Annotated[int, integer(1, 128)] = knob(
+        "64", "AUTH_FAILURE_LIMIT counts IPv6 clients per network of this many bits (a subscriber has a whole /64); "
+        "128 = each address alone, for clouds where unrelated hosts share a /64.")
     trusted_proxies: Proxies = knob(
         "", "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For names the client "
         "(for AUTH_FAILURE_LIMIT); unset = the connecting address is the client.")

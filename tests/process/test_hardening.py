@@ -229,6 +229,25 @@ def test_x_forwarded_for_counts_only_behind_a_trusted_proxy(make_gateway):
     assert "client=203.0.113.7 auth=invalid auth_failures=3/3" in gw.log_text(until="auth_failures=3/3")
 
 
+def test_ipv6_guessers_are_counted_per_64_across_gateways_sharing_redis(make_gateway, tmp_path):
+    """IPv6 clients (named by a trusted proxy here: loopback has one IPv6 address) count per /64, in Redis."""
+    redis = RedisServer(tmp_path).start()
+    try:
+        common = dict(REDIS_URL=redis.url, AUTH_FAILURE_LIMIT="3", TRUSTED_PROXIES="127.0.0.4")
+        a, b = make_gateway(**common), make_gateway(**common)
+        with client_from("127.0.0.4") as proxy:
+            for host, gw in (("1", a), ("2", b), ("3", a)):  # one /64, three addresses, two gateways
+                assert models(proxy, gw, "wrong", **{"X-Forwarded-For": f"2001:db8:7:1::{host}"}).status_code == 401
+            assert models(proxy, a, a.key, **{"X-Forwarded-For": "2001:db8:7:1::99"}).status_code == 429
+            assert wait_for(lambda: models(proxy, b, b.key,
+                                           **{"X-Forwarded-For": "2001:db8:7:1::98"}).status_code == 429)
+            assert models(proxy, a, a.key, **{"X-Forwarded-For": "2001:db8:7:2::1"}).status_code == 200
+        assert ("client=2001:db8:7:1::3 counted_as=2001:db8:7:1::/64 auth=invalid auth_failures=3/3"
+                in a.log_text(until="auth_failures=3/3"))
+    finally:
+        redis.stop()
+
+
 def test_gateways_sharing_redis_share_an_address_failures(make_gateway, tmp_path):
     redis = RedisServer(tmp_path).start()
     try:

@@ -57,6 +57,47 @@ async def test_failures_of_many_addresses_are_forgotten_when_their_window_ends()
     assert len(t._failures) == 1
 
 
+async def test_an_ipv6_guesser_is_counted_with_its_whole_64_not_address_by_address():
+    clock = Clock()
+    t = AuthThrottle(3, 60, clock=clock)
+    for host in ("1", "2", "3"):  # three addresses of one /64: one guesser
+        await t.failed(f"2001:db8:1:2::{host}")
+    with pytest.raises(Exception) as e:
+        t.check(request("2001:db8:1:2:ffff:ffff:ffff:fffe"))  # a fresh address of that /64 is still blocked
+    assert e.value.code == "too_many_auth_failures"
+    t.check(request("2001:db8:1:3::1"))  # the next /64 is someone else
+    t.check(request("10.0.0.1"))
+
+
+async def test_ipv6_prefix_128_counts_every_address_alone():
+    t = AuthThrottle(2, 60, clock=Clock(), ipv6_prefix=128)
+    for host in ("1", "2"):
+        await t.failed(f"2001:db8:1:2::{host}")
+    t.check(request("2001:db8:1:2::3"))
+    await t.failed("2001:db8:1:2::1")
+    with pytest.raises(Exception):
+        t.check(request("2001:db8:1:2::1"))
+
+
+async def test_ipv4_clients_of_a_dual_stack_socket_are_counted_as_their_ipv4_address():
+    """HOST=:: shows IPv4 clients as ::ffff:a.b.c.d: each is its own IPv4 address, not one shared /64."""
+    t = AuthThrottle(2, 60, clock=Clock())
+    for _ in range(2):
+        await t.failed(t.client(request("::ffff:192.0.2.1")))
+    with pytest.raises(Exception):
+        t.check(request("::ffff:192.0.2.1"))
+    with pytest.raises(Exception):
+        t.check(request("192.0.2.1"))  # the same client
+    t.check(request("::ffff:192.0.2.2"))  # another IPv4 client is not touched
+    assert t.client(request("::ffff:192.0.2.1")) == "192.0.2.1"
+
+
+def test_a_trusted_ipv4_proxy_is_recognised_on_a_dual_stack_socket():
+    trusted = TrustedProxies(("192.168.0.0/16",))
+    headers = [(b"x-forwarded-for", b"203.0.113.7")]
+    assert trusted.client(request("::ffff:192.168.1.5", headers)) == "203.0.113.7"
+
+
 def test_a_zero_limit_turns_the_throttle_off():
     assert make_auth_throttle(0, 60, ()) is None
     assert isinstance(make_auth_throttle(10, 60, ()), AuthThrottle)
@@ -95,6 +136,9 @@ def test_throttle_settings_are_checked():
         Settings(auth_failure_limit="-1")
     with pytest.raises(SettingsError, match="AUTH_FAILURE_WINDOW"):
         Settings(auth_failure_window="0")
+    assert s.auth_failure_ipv6_prefix == 64 and Settings(auth_failure_ipv6_prefix="128").auth_failure_ipv6_prefix == 128
+    with pytest.raises(SettingsError, match="AUTH_FAILURE_IPV6_PREFIX"):
+        Settings(auth_failure_ipv6_prefix="129")
 
 
 def test_key_store_keeps_the_last_good_keys_when_the_file_goes_missing_or_bad(tmp_path):
