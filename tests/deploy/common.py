@@ -32,8 +32,39 @@ EXPECTED_METRICS: dict[str, frozenset[str]] = {
     "erproxy_documents_total": frozenset({"model"}),
     "erproxy_tokens_total": frozenset({"model", "kind"}),
     "erproxy_key_tokens_total": frozenset({"key", "model"}),
+    "erproxy_usage_record_failures_total": frozenset(),
+    "erproxy_cache_items_total": frozenset({"kind", "result"}),
+    "erproxy_auth_failures_total": frozenset({"reason"}),
+    "erproxy_auth_throttled_total": frozenset(),
+    "erproxy_key_file_ok": frozenset(),
+    "erproxy_key_file_last_good_load_timestamp_seconds": frozenset(),
 }
-REJECTION_REASONS = {"rate_limit", "concurrency"}
+REJECTION_REASONS = {"rate_limit", "concurrency", "token_limit"}
+
+
+def declared_metrics() -> dict[str, frozenset[str]]:
+    """Every sample name the gateway's registry declares (Metrics and the usage recorder), with its labels."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from erproxy.metrics import Metrics
+    from erproxy.usage import Usage
+
+    metrics = Metrics()
+    usage = Usage(store=None, registry=metrics.registry)  # type: ignore[arg-type]
+    out: dict[str, frozenset[str]] = {}
+    for owner in (metrics, usage):
+        for metric in vars(owner).values():
+            if not isinstance(metric, MetricWrapperBase):
+                continue
+            labels = frozenset(metric._labelnames)
+            if metric._type == "counter":
+                out[metric._name + "_total"] = labels
+            elif metric._type == "histogram":
+                out[metric._name + "_bucket"] = labels | {"le"}
+                out[metric._name + "_sum"] = out[metric._name + "_count"] = labels
+            else:
+                out[metric._name] = labels
+    return out
 
 INSTALL_HINT = "install the dev dependencies: .venv/bin/python -m pip install -r requirements-dev.txt"
 

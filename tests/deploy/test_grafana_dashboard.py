@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.common import EXPECTED_METRICS, REJECTION_REASONS, ROOT, require
+from tests.deploy.common import EXPECTED_METRICS, REJECTION_REASONS, ROOT, declared_metrics, require
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "erproxy-dashboard.json"
 
@@ -74,6 +74,15 @@ def promql_usage(expr: str) -> tuple[set[str], list[str]]:
 
     pp.walk(ast, visit)
     return names, problems
+
+
+def test_the_metrics_contract_is_every_metric_the_gateway_declares() -> None:
+    """A metric added to the gateway and not to EXPECTED_METRICS fails here; once listed, the dashboard
+    test below fails until a panel shows it."""
+    from erproxy.metrics import REFUSALS
+
+    assert declared_metrics() == EXPECTED_METRICS
+    assert set(REFUSALS.values()) == REJECTION_REASONS
 
 
 def test_dashboard_metadata(dashboard: dict[str, Any]) -> None:
