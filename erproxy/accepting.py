@@ -39,8 +39,8 @@ class AcceptAllServer(asyncio.AbstractServer):
         self._loop = loop
         self._sock = sock
         self._protocol_factory = protocol_factory
-        self._ssl = ssl
-        self._ssl_handshake_timeout = ssl_handshake_timeout
+        # uvloop refuses a handshake timeout without TLS
+        self._tls = {} if ssl is None else {"ssl": ssl, "ssl_handshake_timeout": ssl_handshake_timeout}
         self._backlog = max(1, backlog)
         self._serving = False
         self._closed = False
@@ -58,9 +58,6 @@ class AcceptAllServer(asyncio.AbstractServer):
 
     def is_serving(self) -> bool:
         return self._serving
-
-    async def start_serving(self) -> None:
-        self._start()
 
     def _start(self) -> None:
         if not self._serving and not self._closed:
@@ -99,11 +96,7 @@ class AcceptAllServer(asyncio.AbstractServer):
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            if self._ssl is None:
-                await self._loop.connect_accepted_socket(self._protocol_factory, conn)
-            else:
-                await self._loop.connect_accepted_socket(self._protocol_factory, conn, ssl=self._ssl,
-                                                         ssl_handshake_timeout=self._ssl_handshake_timeout)
+            await self._loop.connect_accepted_socket(self._protocol_factory, conn, **self._tls)
         except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
             # a client that left, or a TLS handshake that failed: nothing to answer, as uvloop's server
             log.debug("connection dropped before it was served: %r", exc)
@@ -121,10 +114,6 @@ class AcceptAllServer(asyncio.AbstractServer):
 
     async def wait_closed(self) -> None:
         return None
-
-    async def serve_forever(self) -> None:  # pragma: no cover - uvicorn does not call it
-        self._start()
-        await asyncio.Future()
 
 
 class GatewayLoop(uvloop.Loop):  # type: ignore[misc]

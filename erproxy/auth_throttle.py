@@ -128,7 +128,7 @@ class TrustedProxies:
         """The client's address: the connecting one, or from X-Forwarded-For when a trusted proxy connects."""
         peer = req.scope.get("client")
         address = peer[0] if peer else "-"
-        if address.startswith("::ffff:") and "." in address:  # IPv4 on a dual-stack socket
+        if address.startswith("::ffff:") and "." in address:  # IPv4 on a dual-stack socket: its IPv4 address
             address = address[7:]
         if not (self.exact or self.nets) or address not in self:
             return address
@@ -138,7 +138,8 @@ class TrustedProxies:
         hops = [h.strip() for h in b",".join(forwarded).decode("latin-1").split(",") if h.strip()]
         for hop in reversed(hops):
             try:
-                hop = str(ipaddress.ip_address(hop))
+                ip = ipaddress.ip_address(hop)
+                hop = str(getattr(ip, "ipv4_mapped", None) or ip)  # ::ffff:a.b.c.d is a.b.c.d here too
             except ValueError:
                 return address  # a forged or garbled entry: nothing left of it can be believed
             if hop not in self:
@@ -147,7 +148,8 @@ class TrustedProxies:
 
 
 class CountedAs:
-    """What a client address is counted as: itself (IPv4), or its IPv6 network of `prefix` bits."""
+    """What a client address (TrustedProxies.client: IPv4-mapped ones already plain IPv4) is counted as:
+    itself (IPv4), or its IPv6 network of `prefix` bits."""
 
     def __init__(self, prefix: int = 64) -> None:
         self.prefix = prefix
@@ -159,12 +161,9 @@ class CountedAs:
         counted = self._seen.get(address)
         if counted is None:
             try:
-                ip = ipaddress.IPv6Address(address)
+                counted = str(ipaddress.IPv6Network((address, self.prefix), strict=False))
             except ValueError:
                 counted = address
-            else:
-                mapped = ip.ipv4_mapped
-                counted = str(mapped) if mapped else str(ipaddress.IPv6Network((ip, self.prefix), strict=False))
             if len(self._seen) > 10_000:
                 self._seen.clear()
             self._seen[address] = counted
