@@ -676,6 +676,15 @@ def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
+def round_by_round(row: dict[str, Any], ref: dict[str, Any]) -> str:
+    """The ratio of two side-by-side rows in each round (a round's rows are taken seconds apart, the rounds
+    minutes apart on a VM that drifts): how far the median's verdict can be trusted. Empty if not paired."""
+    a, b = row.get("rounds_rps") or [], ref.get("rounds_rps") or []
+    if len(a) < 2 or len(a) != len(b) or not all(a) or not all(b):
+        return ""
+    return " (round by round " + ", ".join(f"{x / y:.2f}x" for x, y in zip(a, b)) + ")"
+
+
 def floor_checks(get: Callable[[str, int], dict[str, Any] | None], add: Callable[[str, str, str], None]) -> None:
     """Issue 15's goals: the gateway's features at the bare floor's cost, and how workers scale."""
     gw, floor = "gateway-1w", "bare"
@@ -685,7 +694,7 @@ def floor_checks(get: Callable[[str, int], dict[str, Any] | None], add: Callable
         if g and f and f["rps"]:
             ratio = g["rps"] / f["rps"]
             add(name, "met" if ratio >= TARGET_VS_FLOOR else "not met",
-                f"gateway {g['rps']:.0f} req/s vs floor {f['rps']:.0f} req/s = {ratio:.2f}x")
+                f"gateway {g['rps']:.0f} req/s vs floor {f['rps']:.0f} req/s = {ratio:.2f}x{round_by_round(g, f)}")
         else:
             add(name, "n/a", "missing gateway-1w or bare row")
     g, f = get(gw, 256), get(floor, 256)
@@ -714,7 +723,8 @@ def floor_checks(get: Callable[[str, int], dict[str, Any] | None], add: Callable
                 have = True
                 ratio = o["rps"] / one["rps"]
                 ok = ok and ratio >= goal
-                parts.append(f"{c} connections: {o['rps']:.0f} vs {one['rps']:.0f} req/s = {ratio:.2f}x")
+                parts.append(f"{c} connections: {o['rps']:.0f} vs {one['rps']:.0f} req/s = {ratio:.2f}x"
+                             + round_by_round(o, one))
             else:
                 ok = False
                 parts.append(f"{c}: no row")
@@ -726,7 +736,8 @@ def floor_checks(get: Callable[[str, int], dict[str, Any] | None], add: Callable
         for c in (32, 256):
             o, one = get(other, c), get(one_row, c)
             if o and one and one["rps"]:
-                parts.append(f"{c} connections: {o['rps']:.0f} vs {one['rps']:.0f} req/s = {o['rps'] / one['rps']:.2f}x")
+                parts.append(f"{c} connections: {o['rps']:.0f} vs {one['rps']:.0f} req/s = {o['rps'] / one['rps']:.2f}x"
+                             + round_by_round(o, one))
         if parts:
             add(what, "context", "; ".join(parts))
     # The 4-worker row shares its 2 cores with wrk and the upstream; one worker had a core of its own, wrk

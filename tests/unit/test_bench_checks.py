@@ -46,6 +46,19 @@ def test_the_shortfall_of_several_workers_is_broken_down_against_its_own_one_wor
     assert shared["status"] == "context" and shared["detail"] == "32 connections: 3780 vs 4200 req/s = 0.90x"
 
 
+def test_worker_goals_show_each_rounds_ratio_beside_the_median_verdict() -> None:
+    one = dict(row("gateway-1w", 32, 4000), rounds_rps=[4000, 3000, 5000])
+    two = dict(row("gateway-2w-redis", 32, 3300), rounds_rps=[3200, 3300, 4500])
+    unpaired = row("gateway-4w-2cores", 32, 6000)  # a single round: nothing to pair
+    checks = {c["target"]: c for c in bench.target_checks([one, two, unpaired])}
+    two_w = checks["2 workers + Redis on one core >= 0.85x one worker"]
+    assert two_w["status"] == "not met"  # judged on the medians, 3300 / 4000; and 256 has no row
+    assert two_w["detail"].startswith("32 connections: 3300 vs 4000 req/s = 0.82x (round by round 0.80x, 1.10x, "
+                                      "0.90x); 256: no row")
+    four_w = checks["4 workers on 2 cores >= 1.7x one worker"]["detail"]
+    assert four_w.startswith("32 connections: 6000 vs 4000 req/s = 1.50x;")
+
+
 def test_the_ceiling_of_four_workers_on_two_cores_comes_from_one_workers_cpu_per_request() -> None:
     one_32 = dict(row("gateway-1w", 32, 3400), proxy_cpu_pct=77.0, upstream_cpu_pct=19.0, load_cpu_pct=29.0)
     one_256 = dict(row("gateway-1w", 256, 3600), proxy_cpu_pct=82.0, upstream_cpu_pct=15.0, load_cpu_pct=25.0)
