@@ -292,10 +292,13 @@ class Bench:
 
     def gateway_env(self, upstream: str, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
+        # a folder of its own: a private Redis lives beside the key file, and only one gateway per folder
+        data = self.workdir / f"gateway-{secrets.token_hex(4)}"
+        data.mkdir(parents=True)
         env.update({
             "ENV_FILE": "", "HOST": "127.0.0.1", "PORT": str(free_port()),
             "EMBEDDING_UPSTREAMS": upstream, "RERANKER_UPSTREAMS": upstream,
-            "API_KEYS_FILE": str(self.workdir / f"keys-{secrets.token_hex(4)}.json"),
+            "API_KEYS_FILE": str(data / "keys.json"),
             "LOG_DIR": str(self.workdir / "gateway-logs"), "RATE_LIMIT": "100000000/minute",
             "MAX_CONCURRENT_REQUESTS": "1000", "LOG_LEVEL": "info", "ACCESS_TOKEN": self.token,
             "CACHE_MAX_BYTES": "0",  # the pass-through rows; gateway-cache-hit turns the item cache on
