@@ -6,6 +6,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 from tests.procs import RedisServer
 
@@ -47,11 +48,12 @@ def test_json_access_log(make_gateway):
     assert gw.key not in gw.log_file().read_text()
 
 
-def test_rotation_by_size_keeps_every_line_across_workers(make_gateway, tmp_path):
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_rotation_by_size_keeps_every_line_across_workers(make_gateway, tmp_path, server):
     redis = RedisServer(tmp_path).start()
     try:
         gw = make_gateway(WORKERS="2", REDIS_URL=redis.url, LOG_MAX_BYTES="4096", LOG_BACKUPS="100",
-                          RATE_LIMIT="100000/minute")
+                          RATE_LIMIT="100000/minute", SERVER=server)
         n = 120
         for i in range(n):
             with httpx.Client() as c:

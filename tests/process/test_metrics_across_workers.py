@@ -4,6 +4,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 from tests.procs import RedisServer
 from tests.prometheus import Samples, samples_of, value
@@ -14,10 +15,11 @@ def scrape(gw, token=None) -> Samples:
     return samples_of(httpx.get(gw.url + "/metrics", headers=headers))
 
 
-def test_metrics_add_up_across_workers(make_gateway, tmp_path):
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_metrics_add_up_across_workers(make_gateway, tmp_path, server):
     redis = RedisServer(tmp_path).start()
     try:
-        gw = make_gateway(WORKERS="3", REDIS_URL=redis.url)
+        gw = make_gateway(WORKERS="3", REDIS_URL=redis.url, SERVER=server)
         for _ in range(12):  # new connection each: spread over the workers
             with httpx.Client() as c:
                 assert c.post(gw.url + "/v1/embeddings", headers=gw.auth(), json={"input": "hello world"}).status_code == 200
