@@ -157,6 +157,44 @@ def test_compose_vllm_servers_share_the_model_cache(services: dict[str, Any]) ->
     assert mounts["embedding"] == mounts["reranker"] == ("volume", "models")
 
 
+def _flags(command: list[str]) -> dict[str, Any]:
+    """--flag value pairs of a vLLM command line, JSON values parsed, the chat template by file name."""
+    out: dict[str, Any] = {}
+    for flag, value in zip(command[::2], command[1::2]):
+        assert flag.startswith("--"), command
+        out[flag] = json.loads(value) if flag == "--hf-overrides" else value
+    if "--chat-template" in out:
+        out["--chat-template"] = Path(out["--chat-template"]).name
+    return out
+
+
+def test_compose_starts_the_servers_the_start_script_starts_on_a_two_gpu_host(services, tmp_path) -> None:
+    """The compose file spells out its vLLM command lines; start_vllm_models.sh builds them from the
+    launch plan. On the seed's host (two GPUs) they must be the same servers: a flag added to one only
+    (a new --hf-overrides, another template) would make `docker compose up` serve something else."""
+    import shlex
+
+    from tests.scripts.conftest import script_env
+
+    env = {**script_env(tmp_path, "h100x2"), "EMBEDDING_PORT": "8000", "RERANKER_PORT": "8001"}
+    dry = subprocess.run(["bash", str(ROOT / "start_vllm_models.sh"), "--dry-run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    for name in ("embedding", "reranker"):
+        line = lines[next(i for i, x in enumerate(lines) if x.startswith(f"# {name}:")) + 1]
+        words = shlex.split(line)
+        gpu = next(w for w in words if w.startswith("CUDA_VISIBLE_DEVICES=")).split("=", 1)[1]
+        script = _flags(words[words.index("vllm.entrypoints.openai.api_server") + 1:])
+        # the script's own: where it listens on the host, and the dtype its plan chose (bfloat16 on an
+        # H100, which is also what vLLM's auto picks for these models in the container)
+        assert script.pop("--host") == "127.0.0.1" and script.pop("--dtype") == "bfloat16"
+        svc = services[name]
+        assert _flags(list(svc["command"])) == script, name
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["device_ids"] == [gpu], (name, devices)
+
+
 def test_compose_reranker_template_mount(services: dict[str, Any]) -> None:
     svc = services["reranker"]
     template = _arg(svc["command"], "--chat-template")
