@@ -11,6 +11,11 @@ of new connections at once and serves them alongside the ones it has.
 
 Workers that share the socket still share the connections: every worker waiting in epoll is woken and
 each accepts until the queue is empty, the first one awake taking the most.
+
+A connection is handed to its protocol one loop turn after it was accepted (a task awaits
+`connect_accepted_socket`). One that arrives after uvicorn's shutdown has closed the server and told
+the connections it knew of to shut down is told the same at once, so SIGTERM under traffic stops as
+soon as nothing is in flight rather than at the end of SHUTDOWN_GRACE.
 """
 
 from __future__ import annotations
@@ -84,8 +89,8 @@ class AcceptAllServer(asyncio.AbstractServer):
                     self._pause()
                     self._resume = self._loop.call_later(ACCEPT_RETRY_DELAY_S, self._start)
                     return
-                log.warning("accept failed: %s", exc)
-                continue
+                log.warning("accept failed: %s", exc)  # once per readiness, as asyncio's server
+                return
             self._serve(conn)
 
     def _serve(self, conn: socket.socket) -> None:
@@ -96,11 +101,19 @@ class AcceptAllServer(asyncio.AbstractServer):
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._protocol_factory, conn, **self._tls)
+            transport, protocol = await self._loop.connect_accepted_socket(self._protocol_factory, conn,
+                                                                           **self._tls)
         except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
             # a client that left, or a TLS handshake that failed: nothing to answer, as uvloop's server
             log.debug("connection dropped before it was served: %r", exc)
             conn.close()
+            return
+        if self._closed:
+            # Handed over after close(): uvicorn has already told the connections it knew of to shut down
+            # and would serve this one with keep-alive until the end of its shutdown grace. The same for it.
+            shutdown = getattr(protocol, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
 
     def close(self) -> None:
         """Stop accepting and close the listening socket; connections already served go on."""

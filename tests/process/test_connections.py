@@ -1,7 +1,9 @@
 """Real client connections to a gateway process: a stalled upload, a client that hangs up, curl."""
 
+import signal
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -58,3 +60,40 @@ def test_curl_works_with_api_key_in_query(shared_gateway):
         capture_output=True, text=True, timeout=30, check=True).stdout
     body, status = out.rsplit("\n", 1)
     assert status == "200" and '"index":1' in body
+
+
+def test_sigterm_while_clients_keep_connecting_stops_at_once_not_after_the_grace(make_gateway):
+    """Connections accepted just before SIGTERM are shut down like the others: the gateway stops as soon
+    as nothing is in flight instead of serving them with keep-alive until SHUTDOWN_GRACE runs out."""
+    gw = make_gateway(SHUTDOWN_GRACE="10", KEEP_ALIVE="30")
+    port = int(gw.env["PORT"])
+    until = time.monotonic() + 2.5
+    opened: list[socket.socket] = []
+
+    def keep_connecting() -> None:  # a new keep-alive connection, one request on it, left open
+        while time.monotonic() < until:
+            try:
+                c = socket.create_connection(("127.0.0.1", port), timeout=5)
+                opened.append(c)
+                c.sendall(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+                c.recv(4096)
+            except OSError:
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=keep_connecting, daemon=True) for _ in range(32)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.8)
+        t0 = time.monotonic()
+        gw.proc.popen.send_signal(signal.SIGTERM)
+        assert gw.proc.popen.wait(20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it stopped for
+        stopped = time.monotonic() - t0
+        assert len(opened) > 50  # connections kept coming up to the signal
+        assert stopped < 5, f"stopped {stopped:.1f} s after SIGTERM (SHUTDOWN_GRACE=10)"
+        assert "timeout graceful shutdown exceeded" not in gw.proc.output()
+    finally:
+        for t in threads:
+            t.join(10)
+        for c in opened:
+            c.close()

@@ -81,6 +81,43 @@ def test_a_busy_worker_takes_every_waiting_connection_in_one_turn(loop) -> None:
         server.close()
 
 
+class Shutdown(asyncio.Protocol):
+    """A protocol with uvicorn's shutdown(): records that it was asked to shut down."""
+
+    told: list[str] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def shutdown(self) -> None:
+        Shutdown.told.append("shutdown")
+        self.transport.close()
+
+
+def test_a_connection_handed_over_after_close_is_told_to_shut_down(loop) -> None:
+    """uvicorn's shutdown closes the servers, then asks every connection it knows of to shut down; one
+    accepted just before that is handed to its protocol a turn later and must be told as well, or it is
+    served with keep-alive until the end of the shutdown grace."""
+    Shutdown.told = []
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = loop.run_until_complete(loop.create_server(Shutdown, sock=sock))
+    client = socket.create_connection(("127.0.0.1", sock.getsockname()[1]))
+    try:
+        deadline = time.monotonic() + 5
+        while not server._handshakes and time.monotonic() < deadline:  # accepted, not yet handed over
+            server._accept_waiting()
+            time.sleep(0.01)
+        assert server._handshakes
+        server.close()
+        loop.run_until_complete(asyncio.gather(*server._handshakes))
+        assert Shutdown.told == ["shutdown"]
+        client.settimeout(5)
+        assert client.recv(1) == b""  # closed by the gateway
+    finally:
+        client.close()
+
+
 def test_no_more_than_backlog_connections_are_taken_per_turn(loop) -> None:
     server, port = listening(loop, backlog=8)
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
