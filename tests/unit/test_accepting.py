@@ -181,6 +181,26 @@ def test_out_of_descriptors_pauses_accepting_and_resumes_without_losing_the_conn
         server.close()
 
 
+class Refusing(socket.socket):
+    """A listening socket whose every accept fails with an error that is not about resources."""
+
+    def accept(self):  # type: ignore[override]
+        raise OSError(1, "Operation not permitted")
+
+
+def test_an_accept_error_is_logged_once_per_readiness_not_once_per_backlog_slot(loop, caplog) -> None:
+    sock = Refusing()
+    sock.bind(("127.0.0.1", 0))
+    server = loop.run_until_complete(loop.create_server(Counted, sock=sock, backlog=64))
+    try:
+        with caplog.at_level(logging.WARNING, logger="erproxy"):
+            server._accept_waiting()
+        assert caplog.text.count("accept failed") == 1
+        assert server.is_serving()  # as asyncio's server: the next readiness tries again
+    finally:
+        server.close()
+
+
 def bound_by_run_server(monkeypatch, host: str) -> dict:
     """What cli.run_server hands uvicorn's Server.run for one worker on `host` (Server.run not run)."""
     seen: dict = {}
