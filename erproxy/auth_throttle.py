@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import math
 import time
@@ -99,7 +100,8 @@ class TrustedProxies:
     """Which connecting addresses may name the client in X-Forwarded-For."""
 
     def __init__(self, networks: tuple[str, ...] | list[str]) -> None:
-        nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+        # ::ffff:10.0.0.1 in TRUSTED_PROXIES is 10.0.0.1: connecting and forwarded addresses are made plain
+        nets = [plain_network(ipaddress.ip_network(n, strict=False)) for n in networks]
         self.exact = frozenset(str(n.network_address) for n in nets if n.num_addresses == 1)
         self.nets = tuple(n for n in nets if n.num_addresses > 1)
         self._seen: dict[str, bool] = {}
@@ -130,21 +132,48 @@ class TrustedProxies:
         address = peer[0] if peer else "-"
         if address.startswith("::ffff:") and "." in address:  # IPv4 on a dual-stack socket: its IPv4 address
             address = address[7:]
+        elif "%" in address:  # a link-local peer's zone (fe80::1%eth0): TRUSTED_PROXIES names the address
+            address = address.split("%", 1)[0]
         if not (self.exact or self.nets) or address not in self:
             return address
         forwarded = [v for k, v in req.scope["headers"] if k == b"x-forwarded-for"]
         if not forwarded:
             return address
         hops = [h.strip() for h in b",".join(forwarded).decode("latin-1").split(",") if h.strip()]
-        for hop in reversed(hops):
+        hop = address
+        for entry in reversed(hops):
             try:
-                ip = ipaddress.ip_address(hop)
-                hop = str(getattr(ip, "ipv4_mapped", None) or ip)  # ::ffff:a.b.c.d is a.b.c.d here too
+                hop = forwarded_address(entry)
             except ValueError:
                 return address  # a forged or garbled entry: nothing left of it can be believed
             if hop not in self:
                 return hop
-        return hops[0] if hops else address
+        return hop  # every hop a trusted proxy: the first one named
+
+
+def plain_network(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped IPv6 network (::ffff:10.0.0.0/104) as the IPv4 network it maps (10.0.0.0/8)."""
+    mapped = getattr(net.network_address, "ipv4_mapped", None)
+    if mapped is not None and net.prefixlen >= 96:
+        return ipaddress.ip_network((mapped, net.prefixlen - 96))
+    return net
+
+
+def forwarded_address(entry: str) -> str:
+    """An X-Forwarded-For entry as an address: `a.b.c.d`, `a.b.c.d:port` (Azure Application Gateway
+    and others add the port), an IPv6 address, `[v6]` or `[v6]:port`; ::ffff:a.b.c.d as a.b.c.d.
+    ValueError for anything else."""
+    if entry.startswith("["):
+        end = entry.find("]")
+        if end < 0 or (end + 1 < len(entry) and not (entry[end + 1] == ":" and entry[end + 2:].isdigit())):
+            raise ValueError(entry)
+        entry = entry[1:end]
+    elif entry.count(":") == 1:
+        entry, port = entry.split(":")
+        if not port.isdigit():
+            raise ValueError(entry)
+    ip = ipaddress.ip_address(entry)
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 class CountedAs:
@@ -212,11 +241,16 @@ class AuthThrottle:
 
     def _count_here(self, address: str) -> tuple[int, float]:
         now = self.clock()
-        if now >= self._next_sweep or len(self._failures) >= MAX_TRACKED:
+        if now >= self._next_sweep:
             self._sweep(now)
-        entry = self._failures.get(address)
+        failures = self._failures
+        entry = failures.get(address)
         if entry is None or entry[1] <= now:
-            entry = self._failures[address] = [0, now + self.window]
+            if entry is not None:
+                del failures[address]  # a new window goes last: the dict stays in the order windows end
+            elif len(failures) >= MAX_TRACKED:
+                self._make_room(now)
+            entry = failures[address] = [0, now + self.window]
         entry[0] += 1
         left = entry[1] - now
         if entry[0] >= self.limit:
@@ -224,15 +258,30 @@ class AuthThrottle:
         return int(entry[0]), left
 
     def _sweep(self, now: float) -> None:
-        for address, (_, ends) in list(self._failures.items()):
-            if ends <= now:
-                del self._failures[address]
+        self._drop_ended(now)
         for address, until in list(self.blocked.items()):
             if until <= now:
                 del self.blocked[address]
-        while len(self._failures) >= MAX_TRACKED:  # under a flood of addresses, forget the oldest
-            del self._failures[next(iter(self._failures))]
         self._next_sweep = now + SWEEP_EVERY_S
+
+    def _drop_ended(self, now: float) -> None:
+        """Forget the windows that have ended: they are first in the dict (windows are of one length and
+        a restarted one is put last), so this stops at the first one still running."""
+        failures = self._failures
+        while failures:
+            first = next(iter(failures))
+            if failures[first][1] > now:
+                return
+            del failures[first]
+
+    def _make_room(self, now: float) -> None:
+        """At MAX_TRACKED addresses (a flood of them): the ended windows go, else the oldest tenth at once,
+        so that the next new addresses do not each pay for a walk over the whole table."""
+        self._drop_ended(now)
+        failures = self._failures
+        if len(failures) >= MAX_TRACKED:
+            for address in list(itertools.islice(failures, max(1, MAX_TRACKED // 10))):
+                del failures[address]
 
 
 class RedisAuthThrottle(AuthThrottle):
@@ -276,6 +325,8 @@ class RedisAuthThrottle(AuthThrottle):
                 now_ms, flat = await self._blocked_now(keys=[BLOCKED_SET], args=[POLL_LIMIT])
             except REDIS_ERRORS:
                 pass
+            except Exception:  # noqa: BLE001 - an unexpected reply must not end the poll for good
+                log.exception("reading the blocked addresses from Redis failed; trying again")
             else:
                 here = self.clock()
                 fresh = {}

@@ -112,11 +112,80 @@ def test_a_zero_limit_turns_the_throttle_off():
     ("127.0.0.4", b"203.0.113.7, not-an-ip", "127.0.0.4"),  # a garbled hop: believe nothing
     ("127.0.0.4", None, "127.0.0.4"),
     ("::1", b"2001:db8::1", "2001:db8::1"),
+    # proxies that write the client's port (Azure Application Gateway among them), bracketed IPv6
+    ("127.0.0.4", b"203.0.113.7:50123", "203.0.113.7"),
+    ("127.0.0.4", b"[2001:db8::7]:443", "2001:db8::7"),
+    ("127.0.0.4", b"[2001:db8::7]", "2001:db8::7"),
+    ("127.0.0.4", b"203.0.113.7:https", "127.0.0.4"),  # not a port: garbled
+    ("127.0.0.4", b"[2001:db8::7]x", "127.0.0.4"),
+    ("127.0.0.4", b"::ffff:192.168.1.1", "192.168.1.1"),  # every hop trusted: the first, made plain
+    ("fe80::1%eth0", b"203.0.113.7", "203.0.113.7"),  # a link-local proxy arrives with its zone
 ])
 def test_x_forwarded_for_is_believed_only_from_trusted_proxies(peer, xff, client):
-    trusted = TrustedProxies(("127.0.0.4", "192.168.0.0/16", "::1"))
+    trusted = TrustedProxies(("127.0.0.4", "192.168.0.0/16", "::1", "fe80::1"))
     headers = [(b"x-forwarded-for", xff)] if xff else []
     assert trusted.client(request(peer, headers)) == client
+
+
+def test_a_proxy_that_adds_ports_does_not_make_its_clients_one_address():
+    """Behind a trusted proxy writing `ip:port`, one guesser blocks itself, not everyone behind the proxy."""
+    t = AuthThrottle(3, 60, TrustedProxies(("10.0.0.1",)), clock=Clock())
+
+    def via_proxy(client: str) -> Request:
+        return request("10.0.0.1", [(b"x-forwarded-for", client.encode())])
+
+    async def guess() -> None:
+        for _ in range(3):
+            await t.failed(t.client(via_proxy("203.0.113.7:50123")))
+
+    asyncio.run(guess())
+    with pytest.raises(Exception):
+        t.check(via_proxy("203.0.113.7:50999"))
+    t.check(via_proxy("198.51.100.9:40000"))  # someone else behind the same proxy
+
+
+def test_trusted_proxies_written_as_ipv4_mapped_match_the_ipv4_peer():
+    trusted = TrustedProxies(("::ffff:10.0.0.1", "::ffff:192.168.0.0/112"))
+    headers = [(b"x-forwarded-for", b"203.0.113.7")]
+    assert trusted.client(request("10.0.0.1", headers)) == "203.0.113.7"
+    assert trusted.client(request("192.168.3.4", headers)) == "203.0.113.7"
+    assert trusted.client(request("10.0.0.2", headers)) == "10.0.0.2"
+
+
+async def test_a_flood_of_addresses_makes_room_a_tenth_at_a_time(monkeypatch):
+    """At MAX_TRACKED addresses the oldest tenth is forgotten at once: a flood of new addresses does not
+    make every further failure walk the whole table."""
+    from erproxy import auth_throttle
+
+    monkeypatch.setattr(auth_throttle, "MAX_TRACKED", 100)
+    clock = Clock()
+    t = AuthThrottle(5, 60, clock=clock)
+    made_room = []
+    make_room = t._make_room
+    monkeypatch.setattr(t, "_make_room", lambda now: (made_room.append(now), make_room(now)))
+    for i in range(100):
+        await t.failed(f"10.2.0.{i}")
+    assert len(t._failures) == 100 and made_room == []
+    await t.failed("10.3.0.0")
+    assert len(t._failures) == 91 and "10.2.0.0" not in t._failures and "10.2.0.10" in t._failures
+    for i in range(1, 10):
+        await t.failed(f"10.3.0.{i}")
+    assert len(made_room) == 1  # the next nine fit without another walk
+    await t.failed("10.2.0.50")  # a known address counts on, whatever the table's size
+    assert t._failures["10.2.0.50"][0] == 2
+
+
+async def test_a_restarted_window_goes_last_so_ended_ones_are_forgotten_from_the_front():
+    clock = Clock()
+    t = AuthThrottle(5, 5, clock=clock)
+    await t.failed("10.0.0.1")  # its window ends at 1005
+    clock.now += 3
+    await t.failed("10.0.0.2")  # ends at 1008
+    clock.now += 3
+    await t.failed("10.0.0.1")  # its window had ended: a new one, ending at 1011
+    clock.now += 3
+    t._sweep(clock.now)  # 1009: 10.0.0.2's window has ended, 10.0.0.1's new one has not
+    assert set(t._failures) == {"10.0.0.1"}
 
 
 def test_failure_reasons_never_name_the_key():
