@@ -37,7 +37,7 @@ from .errors import ApiError, unexpected
 from .docs import with_docs
 from .handlers import Handlers, route_table
 from .keys import KeyStore
-from .logs import log_access
+from .logs import flush_access_log, log_access
 from .memory import settle_after_start
 from .metrics import Metrics
 from .routing import RouteTable
@@ -94,6 +94,7 @@ class Services:
         if self.cache is not None:
             await self.cache.close()
         self.metrics.worker_exiting()
+        flush_access_log()  # the last answers' lines, queued less than a flush window ago
 
     async def _watch_keys(self) -> None:
         while True:

@@ -41,14 +41,13 @@ class _Due:
 _due: _Due | None = None
 
 
-def flush_later(fn: Callable[[], None]) -> bool:
-    """Run `fn` within FLUSH_WINDOW_S, with the other flushes asked for meanwhile (one timer). False
-    when no event loop runs (a command-line use): the caller flushes at once."""
+def flush_later(fn: Callable[[], None]) -> asyncio.AbstractEventLoop | None:
+    """Run `fn` within FLUSH_WINDOW_S, with the other flushes asked for meanwhile (one timer): the loop
+    whose timer runs it. None when no event loop runs (a command-line use): the caller flushes at once."""
     global _due
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return False
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return None
     due = _due
     if due is None or due.loop is not loop:
         # a new loop (tests run one per test): what the old one still owed is run from this one
@@ -56,4 +55,10 @@ def flush_later(fn: Callable[[], None]) -> bool:
     due.fns.append(fn)
     if due.timer is None:
         due.timer = loop.call_later(FLUSH_WINDOW_S, due.run)
-    return True
+    return loop
+
+
+def due_on(loop: asyncio.AbstractEventLoop | None) -> bool:
+    """Whether a flush asked for on `loop` (flush_later's answer) will still come: that loop is the one
+    running. A batch whose loop has ended (asyncio.run returned) must ask again, or flush at once."""
+    return loop is not None and loop is asyncio._get_running_loop()

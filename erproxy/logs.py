@@ -13,6 +13,7 @@ are written by atexit.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from .flushing import flush_later
+from .flushing import due_on, flush_later
 from .settings import Settings
 from .util import exclusive_lock, iso_utc
 
@@ -45,11 +46,18 @@ class SharedRotatingFileHandler(logging.FileHandler):
     def _reopen_if_rotated(self) -> None:
         try:
             same = os.stat(self.baseFilename).st_ino == os.fstat(self.stream.fileno()).st_ino
-        except FileNotFoundError:
+        except (OSError, ValueError):  # the file is gone or unreadable, or our stream is closed
             same = False
         if not same:
-            self.stream.close()
-            self.stream = self._open()
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """Close the stream and open the file afresh. The stream is None until that open succeeds, so a
+        failed open (the folder or the file's permissions gone for a moment) is tried again at the
+        next write rather than leaving a closed stream that fails every write after it."""
+        stream, self.stream = self.stream, None
+        stream.close()
+        self.stream = self._open()
 
     def _ready(self) -> None:
         """The stream open on the current file, rotated first if it is full."""
@@ -85,8 +93,7 @@ class SharedRotatingFileHandler(logging.FileHandler):
                     if os.path.exists(src):
                         os.replace(src, dst)
                 os.replace(self.baseFilename, self.baseFilename + ".1")
-            self.stream.close()
-            self.stream = self._open()
+            self._reopen()
 
 
 class Formatter(logging.Formatter):
@@ -112,20 +119,19 @@ class AccessBatch:
     def __init__(self, handlers: list[logging.Handler]) -> None:
         self.handlers = handlers
         self.pending: list[tuple[float, str]] = []
-        self.scheduled = False
+        self.scheduled: asyncio.AbstractEventLoop | None = None  # the loop whose timer will flush
         atexit.register(self.flush)
 
     def add(self, line: str) -> None:
         self.pending.append((time.time(), line))
-        if self.scheduled:
+        if due_on(self.scheduled):
             return
-        if flush_later(self.flush):
-            self.scheduled = True
-        else:  # no event loop (a command-line use): at once
+        self.scheduled = flush_later(self.flush)
+        if self.scheduled is None:  # no event loop (a command-line use): at once
             self.flush()
 
     def flush(self) -> None:
-        self.scheduled = False
+        self.scheduled = None
         lines, self.pending = self.pending, []
         if not lines:
             return
@@ -162,6 +168,13 @@ def _refill(record: logging.LogRecord, created: float, line: str) -> logging.Log
 
 
 _batch: AccessBatch | None = None
+
+
+def flush_access_log() -> None:
+    """Write the access lines still waiting for their flush window (a stopping worker: uvicorn ends the
+    process by re-raising the signal, so atexit does not run)."""
+    if _batch is not None:
+        _batch.flush()
 
 
 def setup_logging(settings: Settings) -> Path:

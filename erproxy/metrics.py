@@ -28,7 +28,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .flushing import flush_later
+from .flushing import due_on, flush_later
 
 if TYPE_CHECKING:
     from .upstreams import Upstreams
@@ -52,12 +52,12 @@ class Pending:
     def __init__(self) -> None:
         self.adds: dict[Any, float] = {}  # counter or gauge child -> amount
         self.hists: dict[Any, list[Any]] = {}  # histogram child -> [sum, count per bucket]
-        self.scheduled = False
+        self.scheduled: asyncio.AbstractEventLoop | None = None  # the loop whose timer will flush
 
     def add(self, child: Any, amount: float = 1.0) -> None:
         adds = self.adds
         adds[child] = adds.get(child, 0.0) + amount
-        if not self.scheduled:
+        if not due_on(self.scheduled):
             self._schedule()
 
     def observe(self, child: Any, value: float) -> None:
@@ -66,17 +66,16 @@ class Pending:
             acc = self.hists[child] = [0.0, [0] * len(child._upper_bounds)]
         acc[0] += value
         acc[1][bisect_left(child._upper_bounds, value)] += 1  # the first bucket whose bound >= value
-        if not self.scheduled:
+        if not due_on(self.scheduled):
             self._schedule()
 
     def _schedule(self) -> None:
-        if flush_later(self.flush):
-            self.scheduled = True
-        else:  # no event loop: now
+        self.scheduled = flush_later(self.flush)
+        if self.scheduled is None:  # no event loop: now
             self.flush()
 
     def flush(self) -> None:
-        self.scheduled = False
+        self.scheduled = None
         adds, hists = self.adds, self.hists
         self.adds, self.hists = {}, {}
         for child, amount in adds.items():

@@ -324,7 +324,9 @@ class Usage:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.flush_every)
-            await self.flush()
+            # shielded: a stop (close) that cancels this loop lets a write under way finish instead of
+            # losing its batch, which has already left `pending`; close's own flush waits for it
+            await asyncio.shield(self.flush())
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -337,6 +339,11 @@ class Usage:
             if await self.flush():
                 break
             await asyncio.sleep(0.2)
+        else:
+            rows = len(self.pending)
+            requests = sum(values[0] for values in self.pending.values())
+            log.error("usage lost at shutdown: %d rows (%d requests) could not be recorded after 3 tries",
+                      rows, requests)
         await self.store.close()
 
     async def query(self, key: str | None = None, since: str | None = None, until: str | None = None,

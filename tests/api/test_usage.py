@@ -233,3 +233,35 @@ async def test_a_broken_store_never_fails_an_answer(make_gateway):
     metrics = (await gw.get("/metrics")).text
     assert "erproxy_usage_record_failures_total 1.0" in metrics
     assert sum(v[0] for v in usage.pending.values()) == 4  # 3 POSTs and the 503: kept for when the store works
+
+
+async def test_a_graceful_stop_writes_the_access_lines_still_waiting_for_their_flush(
+        tmp_path: Path, fake_embed, fake_rerank, monkeypatch):
+    """uvicorn ends a stopping worker by re-raising the signal, so atexit never runs: the lifespan's stop
+    writes what the access log still holds (here the flush window is made longer than the test)."""
+    import io
+    import logging
+
+    from erproxy import flushing, logs
+
+    monkeypatch.setattr(flushing, "FLUSH_WINDOW_S", 3600.0)
+    stream = io.StringIO()
+    console = logging.StreamHandler(stream)
+    console.setFormatter(logs.Formatter("%(message)s"))
+    monkeypatch.setattr(logs, "_batch", logs.AccessBatch([console]))
+    monkeypatch.setattr(logging.root.manager, "disable", 0)
+    before = logs.access_log.level
+    logs.access_log.setLevel(logging.INFO)  # setLevel, not an attribute: it clears isEnabledFor's cache
+    try:
+        env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, RATE_LIMIT="100000/minute")
+        key = make_key_file(Path(env["API_KEYS_FILE"]))["tester"]
+        lifespan, client = await started(env)
+        r = await client.post("/v1/embeddings", json={"input": "hello"},
+                              headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+        assert stream.getvalue() == ""  # still waiting for its window
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+        assert "key=tester POST /v1/embeddings" in stream.getvalue()
+    finally:
+        logs.access_log.setLevel(before)

@@ -75,3 +75,46 @@ def test_without_an_event_loop_a_line_is_written_at_once(monkeypatch, access_at_
     logs.log_access(who="k", method="GET", route="/v1/models", model=None, items=None, status=200,
                     latency_ms=0.5, upstream=None, note="auth=ok")
     assert stream.getvalue() == "key=k GET /v1/models model=- items=- status=200 latency_ms=0.5 upstream=- auth=ok\n"
+
+
+def test_lines_left_by_a_loop_that_ended_go_out_with_the_next_line_outside_any_loop(monkeypatch,
+                                                                                    access_at_info) -> None:
+    stream = io.StringIO()
+    console = logging.StreamHandler(stream)
+    console.setFormatter(Formatter("%(message)s"))
+    monkeypatch.setattr(logs, "_batch", AccessBatch([console]))
+
+    def line(route: str) -> None:
+        logs.log_access(who="k", method="GET", route=route, model=None, items=None, status=200,
+                        latency_ms=0.5, upstream=None)
+
+    async def in_a_loop() -> None:
+        line("/v1/models")  # its flush is due on this loop, which ends before the window does
+
+    asyncio.run(in_a_loop())
+    line("/health")  # no loop now: written at once, with the one left behind
+    assert [x.split()[2] for x in stream.getvalue().splitlines()] == ["/v1/models", "/health"]
+
+
+def test_the_log_file_is_written_again_once_its_folder_is_back(tmp_path, monkeypatch) -> None:
+    """A reopen that fails (the folder removed, or the new file not writable for a moment) must not leave a
+    closed stream behind that fails every later write: the next write opens the file afresh."""
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # handleError's traceback on stderr: expected here
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    handler = SharedRotatingFileHandler(folder / "gw.log", 1 << 20, 2)
+    handler.setFormatter(Formatter("%(message)s"))
+
+    def write(text: str) -> None:
+        handler.emit(logging.LogRecord("erproxy", logging.INFO, "", 0, text, None, None))
+
+    write("one")
+    (folder / "gw.log").unlink()
+    folder.rmdir()
+    write("lost: there is nowhere to write it")
+    folder.mkdir()
+    (folder / "gw.log").touch()  # as another worker, whose open succeeded, creates it
+    write("two")
+    handler.emit_text("three\n")
+    handler.close()
+    assert (folder / "gw.log").read_text() == "two\nthree\n"

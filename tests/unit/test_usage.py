@@ -110,3 +110,29 @@ async def test_the_window_admits_while_budget_is_left_counting_requests_in_fligh
     with pytest.raises(Exception):
         await gate.admit(own)
     await asyncio.sleep(0)
+
+
+class SlowStore(FailingStore):
+    """A store whose write takes a while, like a Redis pipeline over the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = False
+        self.writing = asyncio.Event()
+
+    async def add(self, batch):
+        self.writing.set()
+        await asyncio.sleep(0.2)
+        self.batches.append(batch)
+
+
+async def test_a_stop_during_a_background_write_loses_no_count_and_writes_none_twice():
+    store = SlowStore()
+    usage = Usage(store, registry=CollectorRegistry(), flush_every=0.01)
+    for _ in range(8):
+        usage.record("k", "m", 200, 1, 10, 0, ts=0)
+    await usage.start()
+    await asyncio.wait_for(store.writing.wait(), 5)  # the background flush is writing its batch
+    usage.record("k", "m", 200, 1, 10, 0, ts=0)  # one more, left for the stop's own flush
+    await usage.close()
+    assert sum(b[("k", "m", "1970-01-01")][0] for b in store.batches) == 9
