@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 
 from .admission import Admission, MemoryAdmission
@@ -294,4 +295,26 @@ def app_from_env() -> Gateway:
 
     settings = Settings.from_env()
     setup_logging(settings)
+    stop_with_parent()
     return create_app(settings)
+
+
+def stop_with_parent() -> None:
+    """A worker process (several WORKERS) stops gracefully when the gateway's main process dies without
+    stopping it (SIGKILL, a crash): otherwise it would keep the port, answering 503 once the private Redis
+    that died with the main process is gone, and the next start would find the address in use. Linux
+    only (PR_SET_PDEATHSIG); nothing for a gateway of one process, whose parent is the operator's shell."""
+    import multiprocessing
+    import signal
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except Exception:  # noqa: BLE001 - not Linux
+        return
+    if os.getppid() != parent.pid:  # it died before the line above: the signal will not come
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -131,6 +131,7 @@ def serve(settings: Settings) -> int:
         except private_redis.PrivateRedisError as e:
             log.error("cannot start: %s", e)
             return 2
+        private.keep_running()  # started again if it exits while the gateway runs
         # the workers read their settings from the environment (app_from_env)
         os.environ["REDIS_URL"] = private.url
         settings = settings.model_copy(update={"redis_url": private.url})
@@ -228,12 +229,19 @@ def share_revocation(settings: Settings, key_hash: str) -> None:
 def keys_with_private_redis(args: argparse.Namespace, settings: Settings) -> int:
     """With a private Redis (WORKERS>1, no REDIS_URL) usage and revocations live in it: the running
     gateway's when it runs, else one started for the command from the same data."""
-    if not private_redis.needed(settings) or args.keys_command not in ("list", "revoke", "rotate", "usage"):
+    if settings.redis_url or args.keys_command not in ("list", "revoke", "rotate", "usage"):
         return keys_command(args, settings)
-    url = private_redis.running_url(settings)
+    url = private_redis.running_url(settings)  # a gateway runs on this folder with its private Redis
     if url:
         return keys_command(args, settings.model_copy(update={"redis_url": url}))
-    if not private_redis.data_dir(settings).is_dir():  # no gateway ever ran with it: nothing stored there
+    stored = private_redis.data_dir(settings).is_dir()
+    if not private_redis.needed(settings):
+        if stored and args.keys_command in ("list", "usage"):
+            print(f"note: usage recorded while the gateway ran with WORKERS>1 is kept in its private Redis "
+                  f"({private_redis.data_dir(settings)}), not in er_usage.db: run this command with that WORKERS "
+                  "to read it", file=sys.stderr)
+        return keys_command(args, settings)
+    if not stored:  # no gateway ever ran with it: nothing stored there
         return keys_command(args, settings)
     try:
         private = private_redis.start_for(settings)

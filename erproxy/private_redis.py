@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +36,9 @@ DIR_NAME = ".redis"
 SOCKET_NAME = "redis.sock"
 LOCK_NAME = "gateway.lock"  # held by the gateway that runs the private redis-server, for as long as it runs
 LOG_NAME = "redis.log"
-START_TIMEOUT_S = 15.0
+START_TIMEOUT_S = 15.0  # to answer PING once started (a server still loading its data is waited for)
+RESTART_LIMIT = 5  # exits restarted within RESTART_WINDOW_S; one more and it is left down
+RESTART_WINDOW_S = 60.0
 STOP_TIMEOUT_S = 30.0
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux (104 on macOS)
 
@@ -61,15 +64,23 @@ def missing_binary_message(settings: "Settings") -> str:
             "or set REDIS_URL=redis://host:6379/0, or use WORKERS=1.")
 
 
-def answers_ping(path: Path, timeout: float = 0.5) -> bool:
+def ping(path: Path, timeout: float = 0.5) -> bytes | None:
+    """The first bytes of a redis-server's answer to PING on `path` (b"+PONG", or b"-LOADING ..." while
+    it reads its append-only file back); None when nothing answers."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(path))
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16) or None
     except OSError:
-        return False
+        return None
+
+
+def answers_ping(path: Path, timeout: float = 0.5) -> bool:
+    """A redis-server runs on `path`: it answers PING, or says it is still loading its data."""
+    reply = ping(path, timeout)
+    return reply is not None and (reply.startswith(b"+PONG") or reply.startswith(b"-LOADING"))
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -91,6 +102,9 @@ class PrivateRedis:
         self.binary = binary
         self.popen: subprocess.Popen | None = None
         self.lock_fd: int | None = None
+        self._exe: str | None = None
+        self._stopping = threading.Event()
+        self._restarts: list[float] = []
 
     @property
     def url(self) -> str:
@@ -138,6 +152,7 @@ class PrivateRedis:
             log.warning("removing the stale socket %s of a private redis-server that did not stop cleanly",
                         self.socket)
             self.socket.unlink()
+        self._exe = exe
         cmd = [exe, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
                "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
                "--daemonize", "no", "--logfile", str(self.directory / LOG_NAME), "--pidfile", ""]
@@ -145,13 +160,56 @@ class PrivateRedis:
                                       stderr=subprocess.DEVNULL, start_new_session=True, cwd=self.directory,
                                       preexec_fn=_die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not answers_ping(self.socket):
+        loading_since = None
+        while True:
+            reply = ping(self.socket)
+            if reply is not None and reply.startswith(b"+PONG"):
+                break
+            if reply is not None and reply.startswith(b"-LOADING"):
+                # reading a large append-only file back takes as long as it takes: wait while it loads
+                if loading_since is None:
+                    loading_since = time.monotonic()
+                    log.info("private redis-server (pid %d) is loading its data from %s; waiting",
+                             self.popen.pid, self.directory)
+                deadline = time.monotonic() + START_TIMEOUT_S
             if self.popen.poll() is not None or time.monotonic() > deadline:
                 raise PrivateRedisError(f"the private redis-server did not start; its log "
                                         f"{self.directory / LOG_NAME} ends with:\n{self._log_tail()}")
             time.sleep(0.05)
-        log.info("private redis-server (pid %d) on %s, data in %s", self.popen.pid, self.socket, self.directory)
+        log.info("private redis-server (pid %d) on %s, data in %s%s", self.popen.pid, self.socket, self.directory,
+                 "" if loading_since is None else f" (loaded in {time.monotonic() - loading_since:.1f}s)")
         return self
+
+    def keep_running(self) -> None:
+        """Watch the redis-server from a thread for as long as the gateway runs: if it exits (killed, out of
+        memory), start it again on the same data (its append-only file keeps usage and revocations), so the
+        workers, which answer 503 while it is gone, serve again within seconds. After RESTART_LIMIT exits
+        within RESTART_WINDOW_S it is left down, with an error in the log."""
+        threading.Thread(target=self._watch, name="private-redis-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            p = self.popen
+            if p is None:
+                return
+            code = p.wait()
+            if self._stopping.is_set() or self.popen is not p:
+                return
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
+            if len(self._restarts) > RESTART_LIMIT:
+                log.error("private redis-server (pid %d) exited with %s, the %d-th time in %gs: not restarted; "
+                          "requests that need it get 503 until the gateway is restarted. Its log %s ends "
+                          "with:\n%s", p.pid, code, len(self._restarts), RESTART_WINDOW_S,
+                          self.directory / LOG_NAME, self._log_tail())
+                return
+            log.error("private redis-server (pid %d) exited with %s; starting it again on the same data",
+                      p.pid, code)
+            try:
+                self._start(self._exe or binary() or "redis-server")
+            except (PrivateRedisError, OSError) as e:
+                log.error("private redis-server could not be started again: %s", e)
+                return
 
     def stop(self) -> None:
         """SIGTERM (Redis fsyncs its append-only file and exits), then SIGKILL after STOP_TIMEOUT_S; then the
@@ -164,6 +222,7 @@ class PrivateRedis:
                 self.lock_fd = None
 
     def _stop_server(self) -> None:
+        self._stopping.set()
         p = self.popen
         if p is None:
             return
@@ -199,6 +258,9 @@ def start_for(settings: "Settings") -> PrivateRedis:
 
 
 def running_url(settings: "Settings") -> str | None:
-    """The URL of a gateway's private Redis that is running now (for the `keys` commands), else None."""
+    """The URL of a gateway's private Redis that is running now (for the `keys` commands), else None.
+    Whatever WORKERS this command was given: a gateway running on the same folder decides."""
+    if settings.redis_url:
+        return None
     path = data_dir(settings) / SOCKET_NAME
-    return f"unix://{path}" if needed(settings) and answers_ping(path) else None
+    return f"unix://{path}" if answers_ping(path) else None

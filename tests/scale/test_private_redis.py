@@ -192,3 +192,103 @@ def test_two_gateways_starting_at_once_on_one_folder_never_run_two_redis_servers
         first.stop()
     second = private_redis.PrivateRedis(folder).start()  # the first has stopped: the folder is free again
     second.stop()
+
+
+def test_a_killed_private_redis_is_started_again_on_the_same_data(tmp_path, monkeypatch):
+    import redis
+
+    from erproxy import private_redis
+
+    monkeypatch.setattr(private_redis, "RESTART_LIMIT", 1)
+    server = private_redis.PrivateRedis(tmp_path / ".redis").start()
+    try:
+        server.keep_running()
+        client = redis.Redis(unix_socket_path=str(server.socket))
+        client.set("erproxy:usage:probe", "17")
+        client.execute_command("BGREWRITEAOF")  # on disk now, not within appendfsync's second
+        time.sleep(1.5)
+        first = server.popen.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while (server.popen is None or server.popen.pid == first or not private_redis.answers_ping(server.socket)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = server.popen.pid
+        assert second != first and private_redis.answers_ping(server.socket)
+        assert redis.Redis(unix_socket_path=str(server.socket)).get("erproxy:usage:probe") == b"17"
+        os.kill(second, signal.SIGKILL)  # a second exit within the window: RESTART_LIMIT=1 leaves it down
+        assert gone(second)
+        time.sleep(1)
+        assert server.popen.pid == second and not private_redis.answers_ping(server.socket)
+    finally:
+        server.stop()
+
+
+def test_a_private_redis_still_loading_its_data_is_waited_for(tmp_path, monkeypatch):
+    """A large append-only file takes longer to read back than the start timeout: Redis answers -LOADING
+    meanwhile, and the gateway waits instead of killing it and refusing to start (every time after)."""
+    from erproxy import private_redis
+
+    fake = tmp_path / "redis-server"  # answers -LOADING for 1.5 s, then +PONG
+    fake.write_text(f"""#!{sys.executable}
+import socket, sys, time
+path = sys.argv[sys.argv.index("--unixsocket") + 1]
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(16)
+ready = time.monotonic() + 1.5
+while True:
+    c, _ = s.accept()
+    c.recv(64)
+    c.sendall(b"+PONG\\r\\n" if time.monotonic() > ready else b"-LOADING Redis is loading the dataset in memory\\r\\n")
+    c.close()
+""")
+    fake.chmod(0o755)
+    monkeypatch.setattr(private_redis, "START_TIMEOUT_S", 0.5)
+    t0 = time.monotonic()
+    server = private_redis.PrivateRedis(tmp_path / ".redis", binary=str(fake)).start()
+    try:
+        assert time.monotonic() - t0 >= 1.4
+        assert private_redis.ping(server.socket) == b"+PONG\r\n"
+    finally:
+        server.stop()
+
+
+def test_workers_stop_when_the_main_process_is_killed(tmp_path, procs, fake_embed, fake_rerank):
+    """SIGKILL of the gateway's main process takes its private Redis down with it; the workers must not
+    stay behind on the port answering 503, or the next start finds the address in use."""
+    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, WORKERS="2")
+    keys = make_key_file(Path(env["API_KEYS_FILE"]))
+    gw = Gateway(start_gateway(tmp_path, env), env, keys)
+    procs.append(gw.proc)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "spawn_main"],
+                                              capture_output=True, text=True).stdout.split()]
+    assert len(workers) == 2, workers
+    os.kill(gw.proc.pid, signal.SIGKILL)
+    assert all(gone(w) for w in workers), "a worker outlived the main process"
+    again = start_gateway(tmp_path, env)  # the port and the folder are free again
+    procs.append(again)
+    assert httpx.post(again.url + "/v1/embeddings", json={"input": "hi"}, headers=gw.auth(),
+                      timeout=30).status_code == 200
+
+
+def test_keys_usage_reads_the_running_gateways_private_redis_whatever_workers_it_is_given(
+        tmp_path, procs, fake_embed, fake_rerank):
+    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, WORKERS="2")
+    keys = make_key_file(Path(env["API_KEYS_FILE"]))
+    gw = Gateway(start_gateway(tmp_path, env), env, keys)
+    procs.append(gw.proc)
+    for _ in range(3):
+        assert httpx.post(gw.url + "/v1/embeddings", json={"input": "hi"}, headers=gw.auth(),
+                          timeout=30).status_code == 200
+    without_workers = {k: v for k, v in env.items() if k != "WORKERS"}  # as a systemd unit might leave it
+    deadline = time.monotonic() + 15
+    while True:  # the workers flush their counters every half second
+        out = subprocess.run([sys.executable, str(ROOT / "embedding_reranker_proxy.py"), "keys", "usage", "--json"],
+                             env=without_workers, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        requests = sum(r["requests"] for r in json.loads(out.stdout)["data"] if r["key"] == "tester")
+        if requests == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert requests == 3
