@@ -37,6 +37,7 @@ SOCKET_NAME = "redis.sock"
 LOCK_NAME = "gateway.lock"  # held by the gateway that runs the private redis-server, for as long as it runs
 LOG_NAME = "redis.log"
 START_TIMEOUT_S = 15.0  # to answer PING once started (a server still loading its data is waited for)
+LOCK_WAIT_S = 10.0  # for the folder's lock held by someone else: a keys command ends within it, a gateway not
 RESTART_LIMIT = 5  # exits restarted within RESTART_WINDOW_S; one more and it is left down
 RESTART_WINDOW_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -132,9 +133,16 @@ class PrivateRedis:
         check below cannot see a gateway started at the same moment, before its Redis answers; the lock
         can (released by the kernel if the gateway dies)."""
         fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # a `keys usage` run (a billing export from cron, say) holds it for a second or two
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
             os.close(fd)
             raise PrivateRedisError(
                 f"another gateway with the same API_KEYS_FILE folder runs its private redis-server in "

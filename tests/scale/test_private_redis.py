@@ -185,6 +185,7 @@ def test_two_gateways_starting_at_once_on_one_folder_never_run_two_redis_servers
     try:
         with monkeypatch.context() as m:
             m.setattr(private_redis, "answers_ping", lambda *a, **k: False)  # the first is still starting
+            m.setattr(private_redis, "LOCK_WAIT_S", 0.3)
             with pytest.raises(private_redis.PrivateRedisError, match="another gateway with the same API_KEYS_FILE"):
                 private_redis.PrivateRedis(folder).start()
         assert len(redis_children(os.getpid())) == 1 and private_redis.answers_ping(first.socket)
@@ -292,3 +293,21 @@ def test_keys_usage_reads_the_running_gateways_private_redis_whatever_workers_it
             break
         time.sleep(0.3)
     assert requests == 3
+
+
+def test_a_gateway_starting_while_a_keys_command_holds_the_folder_waits_for_it(tmp_path):
+    """`keys usage` with the gateway stopped runs the private Redis for a moment, holding the folder's lock
+    (a billing export from cron, say); a gateway starting then waits for it instead of refusing."""
+    import threading
+
+    from erproxy import private_redis
+
+    folder = tmp_path / ".redis"
+    command = private_redis.PrivateRedis(folder).start()
+    threading.Timer(1.0, command.stop).start()
+    t0 = time.monotonic()
+    gateway = private_redis.PrivateRedis(folder).start()
+    try:
+        assert time.monotonic() - t0 >= 0.9 and private_redis.answers_ping(gateway.socket)
+    finally:
+        gateway.stop()
