@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .errors import bad_gateway, gateway_timeout, not_found, unavailable
+from .errors import ApiError, bad_gateway, gateway_timeout, not_found, unavailable
 from .upstream_client import ConnectFailed, ConnectionDropped, InvalidResponse, UpstreamClient
 
 log = logging.getLogger("erproxy.upstreams")
@@ -111,6 +111,20 @@ class ReplicaSet:
             if model in r.models:
                 return r.models[model]
         return None
+
+    def cache_root(self, kind: str, model: str | None) -> str | None:
+        """The model root (the weights vLLM loaded) of every replica that may answer `model` for `kind`:
+        what an item cache key names besides the served name. None when they differ (a rolling upgrade
+        under one served name), when one is not discovered yet, or without a model: then nothing may be
+        read from or written to the cache, or one model's vectors would be served as another's."""
+        if model is None:
+            return None
+        try:
+            replicas = self.candidates(kind, model)
+        except ApiError:
+            return None
+        roots = {r.models[model].root if model in r.models else None for r in replicas}
+        return roots.pop() if len(roots) == 1 else None
 
     def is_known_model(self, model: str) -> bool:
         return model in self.default_models.values() or any(model in r.models for r in self.all())

@@ -217,3 +217,24 @@ async def test_redis_shares_the_cache_and_being_down_fails_nothing(make_gateway,
 
 async def gw_rerank(gw):
     return await gw.post("/v1/rerank", headers=gw.auth(), json={"query": "q", "documents": ["a", "b"]})
+
+
+async def test_replicas_of_one_name_with_different_weights_are_never_cached(make_gateway, fakes, fake_rerank):
+    """During a rolling upgrade two replicas serve `minilm` from different weights (roots). A vector of one
+    must never be stored or served as the other's: the cache keys name the root, and with two roots
+    behind one name there is no single one, so those requests bypass the cache."""
+    old, new = await fakes.start("embed"), await fakes.start("embed")
+    new.fake.models_doc["data"][0]["root"] = "org/minilm-v2"
+    gw = await make_gateway(embed=f"{new.url},{old.url}", rerank=fake_rerank.url, **ON)
+    for _ in range(2):
+        r = await embed(gw, ["hello"])
+        assert r.status_code == 200
+        assert (r.headers["x-cache-hits"], r.headers["x-cache-misses"]) == ("0", "1")
+    assert upstream_calls(old) + upstream_calls(new) == 2
+    assert gw.app.services.upstreams.cache_root("embedding", "minilm") is None
+    # one root again (the old replica gone from the list): cached as before
+    single = await make_gateway(embed=new.url, rerank=fake_rerank.url, **ON)
+    await embed(single, ["hello"])
+    again = await embed(single, ["hello"])
+    assert again.headers["x-cache-hits"] == "1"
+    assert single.app.services.upstreams.cache_root("embedding", "minilm") == "org/minilm-v2"
