@@ -167,6 +167,9 @@ def upstream_error(resp: UpstreamResponse, kind: str) -> ApiError:
     if resp.status >= 500:
         detail = f": {message}" if message else ""
         return bad_gateway(f"The {kind} upstream {resp.replica.url} failed with HTTP {resp.status}{detail}")
+    if resp.status < 400:  # a redirect, 204, 304...: not an answer, and never a status to pass on as one
+        return bad_gateway(f"The {kind} upstream {resp.replica.url} answered HTTP {resp.status} instead of an "
+                           "answer. Check that EMBEDDING_UPSTREAMS / RERANKER_UPSTREAMS point at vLLM itself.")
     if message is None:
         message = f"The {kind} upstream answered HTTP {resp.status}."
     if resp.status == 404 and message == "Not Found":

@@ -17,12 +17,15 @@ HTTP), and `asyncio.TimeoutError`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 import time
 from collections import deque
 from urllib.parse import urlsplit
 
 import httptools
+
+CONNECT_TIMEOUT_S = 5.0  # to open a connection to a replica (a LAN or loopback answers in well under 1 ms)
 
 
 class UpstreamError(Exception):
@@ -128,6 +131,8 @@ class HostPool:
                 _, conn = await loop.create_connection(
                     _Connection, self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None)
+        except TimeoutError:  # (an OSError too) a host that is gone: no answer, not even a refusal
+            raise ConnectFailed(OSError(errno.ETIMEDOUT, f"no connection within {timeout:g} s")) from None
         except OSError as e:
             raise ConnectFailed(e) from None
         return conn  # type: ignore[return-value]
@@ -146,7 +151,9 @@ class HostPool:
         """(status, body) of the answer; raises UpstreamError or asyncio.TimeoutError."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        conn = self._take_idle() or await self._connect(timeout)
+        # connecting gets a few seconds of the budget: a host that is down or cut off does not answer at
+        # all, and the request should go to another replica rather than wait for the whole TIMEOUT
+        conn = self._take_idle() or await self._connect(min(timeout, CONNECT_TIMEOUT_S))
         waiter = conn.waiter = loop.create_future()
         head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (
             method, self.prefix, path.encode(), self.host_header, content_type, len(body))

@@ -54,6 +54,7 @@ class Replica:
     failures: int = 0
     next_check: float = 0.0
     last_error: str | None = None
+    hung: bool = False  # ejected for not answering (a timeout), not for refusing
 
     def state(self) -> dict[str, Any]:
         return {
@@ -162,7 +163,10 @@ class ReplicaSet:
         """
         pool = [r for r in candidates if r.healthy and r not in exclude]
         if not pool:
-            rest = [r for r in candidates if r not in exclude]
+            # Not one that was ejected for hanging, until its probe is due: each request would wait the
+            # whole TIMEOUT for it (10 minutes by default) instead of getting a 503 at once.
+            now = time.monotonic()
+            rest = [r for r in candidates if r not in exclude and (not r.hung or r.next_check <= now)]
             return min(rest, key=lambda r: r.next_check) if rest else None
         if len(pool) == 1:
             return pool[0]
@@ -216,20 +220,21 @@ class HealthChecks:
                 if resp.status == 200:
                     _learn_models(r, body)
         except Exception as e:  # noqa: BLE001 - any failure means "not healthy now"
-            self.mark_failed(r, _describe(e), probe=True)
+            self.mark_failed(r, _describe(e), probe=True, hung=isinstance(e, asyncio.TimeoutError))
             return
         was_healthy = r.healthy
-        r.healthy, r.failures, r.last_error = True, 0, None
+        r.healthy, r.failures, r.last_error, r.hung = True, 0, None, False
         r.next_check = time.monotonic() + self.interval
         if not was_healthy:
             log.info("upstream %s (%s) is healthy, serving %s", r.url, r.kind, ", ".join(r.models) or "?")
 
-    def mark_failed(self, r: Replica, reason: str, probe: bool = False) -> None:
+    def mark_failed(self, r: Replica, reason: str, probe: bool = False, hung: bool = False) -> None:
         """Eject a replica and schedule a probe with back-off that grows with each failed probe.
 
         A request that fails on an already ejected replica changes nothing: eight requests in flight
-        when vLLM restarts are one failure, not eight.
+        when vLLM restarts are one failure, not eight. `hung`: it did not answer (a timeout).
         """
+        r.hung = hung
         if not probe and not r.healthy:
             r.last_error = reason
             return
@@ -296,8 +301,8 @@ class Upstreams(ReplicaSet):
         if self.client:
             self.client.close()
 
-    def mark_failed(self, r: Replica, reason: str, probe: bool = False) -> None:
-        self.health.mark_failed(r, reason, probe)
+    def mark_failed(self, r: Replica, reason: str, probe: bool = False, hung: bool = False) -> None:
+        self.health.mark_failed(r, reason, probe, hung)
 
     async def post(self, kind: str, model: str | None, path: str, body: bytes) -> UpstreamResponse:
         """POST `body` to a replica serving `model`; map transport failures to 502/503/504."""
@@ -339,7 +344,7 @@ class Upstreams(ReplicaSet):
             status, data = await self.client.post(r.url, path, body, timeout)
         except asyncio.TimeoutError:
             if timeout >= self.timeout:  # a retry's leftover budget says nothing about the replica
-                self.mark_failed(r, f"no answer within {timeout:.3g} s")
+                self.mark_failed(r, f"no answer within {timeout:.3g} s", hung=True)
             raise gateway_timeout(f"The upstream {r.url} did not answer within TIMEOUT={self.timeout:g} s.") from None
         except ConnectFailed as e:
             self.mark_failed(r, _describe(e))

@@ -1,6 +1,7 @@
 """vLLM misbehaving, down or slow: the answer a client gets, and health checks that keep working."""
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -13,7 +14,7 @@ async def post_embed(gw, **kw):
                          headers=kw.pop("headers", gw.auth()), timeout=kw.pop("timeout", 30), **kw)
 
 
-@pytest.mark.parametrize("mode", ["error500", "garbage", "badjson", "reset"])
+@pytest.mark.parametrize("mode", ["error500", "garbage", "badjson", "reset", "redirect"])
 async def test_upstream_garbage_or_5xx_is_502(fake_embed, fake_rerank, make_gateway, mode):
     gw = await make_gateway(embed=fake_embed.url, rerank=fake_rerank.url)
     fake_embed.set_mode(mode)
@@ -70,3 +71,63 @@ async def test_health_checks_do_not_queue_behind_busy_request_connections(fakes,
     h = await gw.get("/health")
     assert h.status_code == 200 and h.json()["upstreams"]["embedding"]["replicas"][0]["healthy"] is True
     await asyncio.gather(*busy)
+
+
+def blackhole(port: int = 0) -> tuple[socket.socket, list[socket.socket]]:
+    """A port whose connections get no answer at all, like a host that is gone: a listening socket with a
+    full queue (the kernel then drops new SYNs)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(0)
+    fillers = []
+    for _ in range(4):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(s.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    return s, fillers
+
+
+async def test_a_replica_that_stops_answering_connections_fails_over_within_the_connect_timeout(
+        fakes, fake_rerank, make_gateway, monkeypatch):
+    from erproxy import upstream_client
+
+    monkeypatch.setattr(upstream_client, "CONNECT_TIMEOUT_S", 0.3)
+    doomed, good = await fakes.start("embed"), await fakes.start("embed")
+    gw = await make_gateway(embed=f"{doomed.url},{good.url}", rerank=fake_rerank.url, TIMEOUT="20",
+                            HEALTH_INTERVAL="60")
+    port = int(doomed.url.rsplit(":", 1)[1])
+    await doomed.runner.cleanup()  # the host goes away while the gateway still counts it healthy
+    fakes.started.remove(doomed)
+    hole, fillers = blackhole(port)
+    try:
+        t0 = time.monotonic()
+        answers = await asyncio.gather(*(post_embed(gw) for _ in range(6)))
+        elapsed = time.monotonic() - t0
+        assert [r.status_code for r in answers] == [200] * 6
+        assert elapsed < 5, f"{elapsed:.1f} s: the requests waited for TIMEOUT, not for the connect timeout"
+        replicas = (await gw.get("/health")).json()["upstreams"]["embedding"]["replicas"]
+        assert [x["healthy"] for x in replicas] == [False, True]
+        assert "no connection within 0.3 s" in replicas[0]["last_error"]
+    finally:
+        for c in fillers + [hole]:
+            c.close()
+
+
+async def test_with_every_replica_hanging_a_request_gets_503_at_once_not_after_timeout(fakes, fake_rerank,
+                                                                                      make_gateway):
+    one, two = await fakes.start("embed"), await fakes.start("embed")
+    gw = await make_gateway(embed=f"{one.url},{two.url}", rerank=fake_rerank.url, TIMEOUT="1")
+    one.set_mode("hang")
+    two.set_mode("hang")
+    first = await asyncio.gather(post_embed(gw), post_embed(gw))  # one on each: both time out, both ejected
+    assert [r.status_code for r in first] == [504, 504]
+    t0 = time.monotonic()
+    r = await post_embed(gw)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable", r.text
+    assert elapsed < 0.4, f"{elapsed:.2f} s"

@@ -232,6 +232,9 @@ class FakeVLLM:
             return web.Response(status=204)
         if self.mode == "unauthorized":  # vLLM started with --api-key
             return self.json({"error": "Unauthorized"}, 401)
+        if self.mode == "redirect":  # not vLLM: a proxy or a login page in front of it
+            return web.Response(status=302, headers={"Location": "/login"}, body=b"<html>moved</html>",
+                                content_type="text/html")
         if self.mode == "error500":
             return self.error(500, "EngineCore encountered an issue.", "InternalServerError")
         if self.mode == "badjson":
