@@ -69,7 +69,8 @@ BATCH_WAIT_S = 0.002  # releases and charges wait at most this long for a write 
 # the lease's member.
 # Returns one reply per admission, in order, each decided after the ones before it: {0, 0, token
 # window} admitted; {1, ms until a hit frees} rate limited; {2, ms, window} token limited; {3, 0, 0}
-# no free slot. A refused admission takes nothing but its rate hit.
+# no free slot; {4, 0, error} Redis refused one of its commands. A refused admission takes nothing but
+# its rate hit.
 ADMIT = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -123,8 +124,11 @@ end
 local out = {}
 for i = 1, (#KEYS - 1) / 3 do
   local k, a = 3 * i - 1, 2 + r + 6 * (i - 1)
-  out[i] = admit(KEYS[k], KEYS[k + 1], KEYS[k + 2], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
-                 tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), ARGV[a + 6])
+  -- one admission's error (another program's key under one of ours) must not fail the others of the batch,
+  -- which Lua would not roll back: it is answered {4, 0, the error}
+  local ok, res = pcall(admit, KEYS[k], KEYS[k + 1], KEYS[k + 2], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
+                        tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), ARGV[a + 6])
+  if ok then out[i] = res else out[i] = {4, 0, type(res) == 'table' and res.err or tostring(res)} end
 end
 return out
 """)
@@ -158,7 +162,7 @@ RENEW = Script("""
 local t = redis.call('TIME')
 local expiry = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+  redis.call('ZADD', KEYS[1], expiry, ARGV[i])  -- also puts back a lease a Redis restart or failover lost
 end
 return #ARGV - 1
 """)
@@ -201,6 +205,7 @@ class RedisAdmission:
         self.redis = aioredis.Redis(connection_pool=pool)
         self._leases_key = f"{PREFIX}:inflight"
         self._held: set[str] = set()
+        self._errors_logged: set[str] = set()  # admission errors already logged (_admission_failed)
         self._worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}:"
         self._seq = itertools.count(1)
         self._fallback = MemoryAdmission(rate_limit, max_concurrent)
@@ -247,6 +252,16 @@ class RedisAdmission:
                       else "refusing requests with 503 until it is back")
         self._redis_ok = False
 
+    def _admission_failed(self, error: Any) -> None:
+        """One admission that Redis answered with an error: logged (once per distinct error), answered 503;
+        Redis is not taken for down, so the other keys go on being admitted."""
+        text = error.decode(errors="replace") if isinstance(error, bytes) else str(error)
+        if text not in self._errors_logged:
+            if len(self._errors_logged) < 100:
+                self._errors_logged.add(text)
+            log.error("Redis at %s answered the admission with an error (%s): refusing that key's requests "
+                      "with 503; the other keys are admitted", _safe_url(self.url), text)
+
     def _note_up(self) -> None:
         if not self._redis_ok:
             log.warning("Redis at %s reachable again; shared limits restored", _safe_url(self.url))
@@ -284,6 +299,14 @@ class RedisAdmission:
                 code, ms, window = await fut
             except REDIS_ERRORS as e:
                 self._note_down(e)
+            except asyncio.CancelledError:
+                # cancelled in the turn its answer arrived: answered() found the future pending, so give
+                # back here what the admission took, or the lease and the token forecast would leak
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    reply = fut.result()
+                    if reply.__class__ is list and reply[0] == 0:
+                        self._give_back(member, who, token_limit, int(reply[2]))
+                raise
             else:
                 if not self._redis_ok:
                     self._note_up()
@@ -300,6 +323,9 @@ class RedisAdmission:
                 if code == 2:
                     assert token_limit is not None
                     raise token_exceeded(token_limit, max(1, math.ceil(ms / 1000)))
+                if code == 4:  # Redis refused this admission's commands; the others of its batch stand
+                    self._admission_failed(window)
+                    raise limits_unavailable()
                 raise concurrency_exceeded(self.max_concurrent)
         if not self.fail_open:
             raise limits_unavailable()

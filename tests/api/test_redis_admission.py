@@ -345,3 +345,68 @@ async def test_gates_in_order_and_a_refusal_takes_only_its_rate_hit(where, serve
             assert abs(hits[0] - time.time()) < 5
     finally:
         await adm.close()
+
+
+async def test_an_admission_cancelled_in_the_turn_its_answer_arrives_gives_back_what_it_took(server):
+    """The answer resolves the admission, and in the same loop turn its caller is cancelled (a shutdown
+    grace running out, say): the lease and the token forecast must not leak."""
+    adm = ra.RedisAdmission(server.url, "1000/minute", 5)
+    r = redis.Redis.from_url(server.url)
+    await adm.start()
+    try:
+        who = Identity("k", "er-k", bucket="b3")
+        task = asyncio.create_task(adm.admit(who, parse_token_limit("1000/hour")))
+        received = adm.client._received
+
+        def answer_then_cancel(*args):
+            received(*args)  # the ADMIT reply resolves the admission's future...
+            task.cancel()  # ... and its caller is cancelled before it resumes
+            adm.client._received = received
+
+        adm.client._received = answer_then_cancel
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        assert r.zcard("erproxy:inflight") == 0 and adm.in_flight() == 0
+        assert int(token_window(r).get(b"f", 0)) == 0
+    finally:
+        await adm.close()
+
+
+async def test_one_keys_error_in_redis_fails_that_key_alone_not_its_batch_or_the_worker(server, caplog):
+    adm = ra.RedisAdmission(server.url, "1000/minute", 5)
+    r = redis.Redis.from_url(server.url)
+    await adm.start()
+    try:
+        good, bad, other = (Identity(n, f"er-{n}", bucket=n) for n in ("good", "bad", "other"))
+        r.hset(f"LIMITS:{adm.limits.key_for(bad)[1]}", "x", "1")  # another program's hash under bad's window
+        with caplog.at_level("ERROR", logger="erproxy.redis"):
+            answers = await asyncio.gather(adm.admit(good, parse_token_limit("1000/hour")), adm.admit(bad),
+                                           return_exceptions=True)  # one turn: one ADMIT for both
+        assert isinstance(answers[0], ra.Pass) and answers[0].lease is not None
+        assert isinstance(answers[1], ApiError) and answers[1].code == "limits_unavailable"
+        assert "WRONGTYPE" in caplog.text and "unreachable" not in caplog.text
+        assert isinstance(await adm.admit(other), ra.Pass)  # Redis is not taken for down
+        adm.finish(answers[0])
+    finally:
+        await adm.close()
+
+
+async def test_a_lease_lost_by_a_redis_restart_is_put_back_by_the_next_renewal(server, monkeypatch):
+    """Without persistence (or after a failover) a restart forgets the lease set; the requests still
+    running must be counted again, or more than MAX_CONCURRENT_REQUESTS get in."""
+    monkeypatch.setattr(ra, "RENEW_EVERY_S", 0.2)
+    adm = ra.RedisAdmission(server.url, "1000/minute", 1)
+    r = redis.Redis.from_url(server.url)
+    await adm.start()
+    try:
+        slot = await adm.acquire()
+        r.delete("erproxy:inflight")  # what a restart without the lease set leaves
+        await asyncio.sleep(0.6)  # renewals
+        assert r.zcard("erproxy:inflight") == 1
+        with pytest.raises(ApiError) as e:
+            await adm.acquire()
+        assert e.value.code == "concurrency_limit_exceeded"
+        await adm.release(slot)
+    finally:
+        await adm.close()
