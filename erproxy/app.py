@@ -69,7 +69,7 @@ class Services:
 
     async def start(self) -> None:
         self.keys.load()
-        if self.keys.error:
+        if self.keys.error and not self.keys.size:  # (with the last good copy's keys, load() said so)
             log.error("key file: %s; no keys but ACCESS_TOKEN are accepted until it is readable", self.keys.error)
         self.metrics.observe_key_file(self.keys.error is None, self.keys.last_good_load)
         await self.admission.start()

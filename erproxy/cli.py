@@ -281,6 +281,8 @@ def keys_create(args: argparse.Namespace, settings: Settings, path: Path) -> Non
         validate_rate_limit(args.rate_limit)
     usage_cli.check_token_limit(args.token_limit)
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    if models == []:  # " , ": stored as [] it would mean every model, which is not what was asked
+        raise ValueError("--models needs at least one model name (leave it out to allow every model)")
     expires_in = parse_duration(args.expires_in) if args.expires_in else None
     key, record = create_key(path, args.name, rate_limit=args.rate_limit, models=models, expires_in=expires_in,
                              token_limit=args.token_limit)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,7 +27,10 @@ from .util import exclusive_lock, iso_utc, utc_now
 
 KEY_PREFIX = "er-"
 DISPLAY_PREFIX_LEN = 10  # "er-" + 7 characters: enough to tell keys apart, useless to an attacker
+log = logging.getLogger("erproxy.keys")
+
 FILE_VERSION = 1
+LAST_GOOD_SUFFIX = ".last-good"  # beside the key file: see KeyStore.last_good_path
 
 
 class KeyFileError(RuntimeError):
@@ -78,7 +82,7 @@ class KeyRecord:
             raise KeyFileError(f"{where}: key {name!r} has models={models!r}, expected a list of names")
         if raw.get("expires"):
             try:
-                datetime.fromisoformat(raw["expires"].replace("Z", "+00:00"))
+                expires_at(raw["expires"])
             except ValueError:
                 raise KeyFileError(f"{where}: key {name!r} has an unreadable expires={raw['expires']!r}") from None
         extra = {k: v for k, v in raw.items()
@@ -96,10 +100,19 @@ class KeyRecord:
         if not self.expires:
             return False
         try:
-            ts = datetime.fromisoformat(self.expires.replace("Z", "+00:00")).timestamp()
+            ts = expires_at(self.expires)
         except ValueError:
             return True  # an unreadable expiry must not grant access forever
         return (time.time() if now is None else now) >= ts
+
+
+def expires_at(text: str) -> float:
+    """An `expires` value as a timestamp. It is UTC: written without a zone (an operator's hand edit,
+    2026-12-31T23:59:59) it is read as UTC too, not in the server's local time. ValueError if unreadable."""
+    at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    return at.timestamp()
 
 
 def parse_key_file(data: bytes, path: Path) -> list[KeyRecord]:
@@ -117,15 +130,43 @@ def parse_key_file(data: bytes, path: Path) -> list[KeyRecord]:
     return records
 
 
+def _keep_owner(path: Path) -> tuple[int, int] | None:
+    """The (uid, gid) a rewrite of `path` must keep, when it is not the writer's own: a `keys` command run as
+    root for a gateway running as a service user must leave the file readable to that user, or the gateway
+    would go on with its last good keys (a key just revoked among them). Another user but root cannot give
+    the file away: refused, saying whom to run as."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    me = os.geteuid()
+    if st.st_uid == me:
+        return None
+    if me == 0:
+        return st.st_uid, st.st_gid
+    try:
+        import pwd
+
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except (ImportError, KeyError):
+        owner = f"uid {st.st_uid}"
+    raise KeyFileError(f"{path} belongs to {owner}, which the gateway runs as: a rewrite by this user would "
+                       f"leave it unreadable to the gateway. Run the command as {owner} (sudo -u {owner} ...) "
+                       "or as root")
+
+
 def write_key_file(path: Path, records: list[KeyRecord]) -> None:
     """Atomically replace `path` with `records` (mode 0600). Call with the lock held."""
     payload = orjson.dumps({"version": FILE_VERSION, "keys": [r.to_json() for r in records]},
                            option=orjson.OPT_INDENT_2) + b"\n"
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
+    owner = _keep_owner(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, 0o600)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -199,16 +240,18 @@ class KeyStore:
         self._revoked_elsewhere = revoked_elsewhere or frozenset
         self._by_hash: dict[str, KeyRecord] = {}
         self._identities: dict[str, Identity] = {}
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
+        self._saved_stamp: tuple[int, int, int, int] | None = None  # the stamp last copied to last_good_path
         self.error: str | None = None  # what is wrong with the file now; None when the last read was good
         self.last_good_load: float | None = None  # time.time() of the last good read
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
+    def _file_stamp(self) -> tuple[int, int, int, int] | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        # ctime too: a chown or chmod that makes an unreadable file readable again changes only that
+        return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
 
     @property
     def size(self) -> int:
@@ -223,7 +266,7 @@ class KeyStore:
         """What /health shows of the key file."""
         return {"file": str(self.path), "last_good_load": self.last_good_load_iso, "error": self.error}
 
-    def _use(self, records: list[KeyRecord], stamp: tuple[int, int, int] | None) -> None:
+    def _use(self, records: list[KeyRecord], stamp: tuple[int, int, int, int] | None) -> None:
         self._by_hash = {r.hash: r for r in records}
         self._identities = {
             r.hash: Identity(r.name, r.prefix, r.rate_limit, tuple(r.models) if r.models else None, r.hash[7:39],
@@ -237,14 +280,50 @@ class KeyStore:
     def _missing(self) -> str:
         return f"{self.path} is missing (deleted or moved away?); restore it from a backup"
 
+    @property
+    def last_good_path(self) -> Path:
+        """A copy of the last key file read good (hashes, never keys): what a worker started while the file
+        is missing or corrupt serves, as the workers already running do from memory."""
+        return self.path.with_name(self.path.name + LAST_GOOD_SUFFIX)
+
     def load(self) -> None:
-        """(Re)read the file; raises KeyFileError if it is corrupt. A missing file gives no keys (and `error`)."""
+        """(Re)read the file. Missing or corrupt: the last good copy's keys (and `error`); without one, a
+        missing file gives no keys (and `error`) and a corrupt one raises KeyFileError."""
         stamp = self._file_stamp()
-        if stamp is None:
+        try:
+            if stamp is None:
+                raise KeyFileError(self._missing())
+            records = read_records(self.path)
+        except KeyFileError as e:
+            kept = self._read_last_good()
+            if kept is not None:
+                self._use(kept, stamp)
+                self.error = f"{e}; serving the last good keys ({self.last_good_path.name})"
+                self.last_good_load = kept_at = os.stat(self.last_good_path).st_mtime
+                log.error("key file: %s (last read good at %s)", self.error, iso_utc(kept_at))
+                return
+            if stamp is not None:
+                raise
             self._by_hash, self._identities, self._stamp = {}, {}, None
-            self.error = self._missing()
+            self.error = str(e)
             return
-        self._use(read_records(self.path), stamp)
+        self._use(records, stamp)
+        self._save_last_good(records)
+
+    def _read_last_good(self) -> list[KeyRecord] | None:
+        try:
+            return read_records(self.last_good_path) if self.last_good_path.exists() else None
+        except KeyFileError:
+            return None
+
+    def _save_last_good(self, records: list[KeyRecord]) -> None:
+        if self._stamp == self._saved_stamp:
+            return
+        try:
+            write_key_file(self.last_good_path, records)
+            self._saved_stamp = self._stamp
+        except (OSError, KeyFileError) as e:  # a convenience: never a reason to refuse good keys
+            log.warning("could not keep a copy of the good key file in %s: %s", self.last_good_path, e)
 
     def reload_if_changed(self) -> bool:
         """Pick up edits made by `keys` commands or other instances. A missing or bad file keeps the
@@ -262,6 +341,7 @@ class KeyStore:
             self.error = str(e)
             return False
         self._use(records, stamp)
+        self._save_last_good(records)
         return True
 
     def authenticate(self, key: str) -> Identity | str:

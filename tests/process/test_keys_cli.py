@@ -96,3 +96,5 @@ def test_bad_arguments_are_refused(make_gateway):
     assert keys_cmd(gw.env, "create", "--name", "x", "--rate-limit", "lots").returncode == 1
     assert keys_cmd(gw.env, "create", "--name", "y", "--expires-in", "soon").returncode == 1
     assert keys_cmd(gw.env, "revoke", "nobody").returncode == 1
+    refused = keys_cmd(gw.env, "create", "--name", "z", "--models", " , ")  # not "every model" by accident
+    assert refused.returncode == 1 and "at least one model" in refused.stderr

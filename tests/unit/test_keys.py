@@ -116,3 +116,76 @@ def test_rate_limit_buckets_come_from_the_key_not_its_name(tmp_path):
     sb.load()
     ia, ib = sa.authenticate(ka), sb.authenticate(kb)
     assert ia.name == ib.name == "default" and ia.bucket != ib.bucket and ia.bucket
+
+
+def test_a_rewrite_by_root_keeps_the_key_files_owner(tmp_path):
+    """`sudo … keys revoke` for a gateway running as a service user: the file must stay that user's, or the
+    gateway could no longer read it and would go on accepting the revoked key."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file away")
+    path = tmp_path / "k.json"
+    ensure_key_file(path)
+    os.chown(path, 65534, 65534)  # the service user's
+    keymod.write_key_file(path, read_records(path))
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid) == (65534, 65534) and stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_a_rewrite_by_another_user_than_the_owner_is_refused_naming_whom_to_run_as(tmp_path, monkeypatch):
+    path = tmp_path / "k.json"
+    ensure_key_file(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(keymod.os, "geteuid", lambda: os.stat(path).st_uid + 1000)  # not the owner, not root
+    with pytest.raises(KeyFileError, match="Run the command as"):
+        keymod.write_key_file(path, [])
+    assert path.read_bytes() == before
+
+
+def test_a_chmod_or_chown_alone_is_noticed_by_the_reload(tmp_path):
+    """Making an unreadable key file readable again changes only its ctime: the reload must look again."""
+    path = tmp_path / "k.json"
+    ensure_key_file(path)
+    store = KeyStore(path)
+    store.load()
+    before = store._file_stamp()
+    os.chmod(path, 0o640)
+    assert store._file_stamp() != before
+
+
+def test_a_worker_started_while_the_key_file_is_missing_or_corrupt_serves_the_last_good_keys(tmp_path):
+    path = tmp_path / "k.json"
+    key = ensure_key_file(path)
+    running = KeyStore(path)
+    running.load()  # a good read leaves a copy beside the file
+    assert running.last_good_path.exists() and stat.S_IMODE(os.stat(running.last_good_path).st_mode) == 0o600
+    for damage in ("corrupt", "missing"):
+        if damage == "corrupt":
+            path.write_text("{ half")
+        else:
+            path.unlink()
+        restarted = KeyStore(path)  # a worker replaced after a crash
+        restarted.load()
+        assert restarted.size == 1 and restarted.authenticate(key).name == "default"
+        assert restarted.error and "last good keys" in restarted.error
+
+
+def test_a_corrupt_key_file_with_no_good_copy_still_stops_the_start(tmp_path):
+    path = tmp_path / "k.json"
+    path.write_text("{ half")
+    with pytest.raises(KeyFileError):
+        KeyStore(path).load()
+
+
+def test_an_expiry_written_without_a_zone_is_utc_whatever_the_servers_zone(tmp_path, monkeypatch):
+    import time
+    from datetime import datetime, timedelta, timezone
+
+    hour_ago = (datetime.now(timezone.utc) - timedelta(hours=1)).replace(tzinfo=None).isoformat(timespec="seconds")
+    record = keymod.KeyRecord(name="n", prefix="er-x", hash="sha256:" + "0" * 64, created="2026-01-01T00:00:00Z",
+                              expires=hour_ago)  # a hand edit: no Z
+    for zone in ("America/New_York", "Asia/Tokyo", "UTC"):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        assert record.expired(), zone
+    monkeypatch.delenv("TZ")
+    time.tzset()
