@@ -77,7 +77,7 @@ class TEIEmbedRequest(_Request):
         {"inputs": "What is Deep Learning?", "normalize": True, "truncate": True, "truncation_direction": "Left"},
     ]})
 
-    inputs: Annotated[Union[str, Annotated[list[str], Field(min_length=1)]],
+    inputs: Annotated[Union[str, Annotated[list[str], Field(min_length=1, fail_fast=True)]],
                       Field(union_mode=LEFT_TO_RIGHT, description="One text or a non-empty list of texts.")]
     normalize: bool = Field(True, description="L2-normalise the vectors (false: vLLM `use_activation: false`).")
     truncate: bool = Field(False, description="Truncate inputs longer than the model's maximum instead of a 400.")
@@ -98,7 +98,7 @@ class TEIRerankRequest(_Request):
     ]})
 
     query: Annotated[str, Field(min_length=1)]
-    texts: Annotated[list[str], Field(min_length=1)]
+    texts: Annotated[list[str], Field(min_length=1, fail_fast=True)]
     raw_scores: bool = Field(False, description="Scores before the sigmoid (vLLM `use_activation: false`).")
     return_text: bool = Field(False, description="Each result carries its `text`.")
     truncate: bool = False
@@ -118,7 +118,8 @@ class CohereEmbedRequest(_Request):
          "truncate": "END"},
     ]})
 
-    texts: Annotated[list[str], Field(min_length=1, description="The texts to embed (images are not served).")]
+    texts: Annotated[list[str], Field(min_length=1, fail_fast=True,
+                                      description="The texts to embed (images are not served).")]
     model: Model | None = None
     input_type: Literal["search_query", "search_document", "classification", "clustering"] | None = Field(
         None, description="search_query: Qwen3 query instruction; the others: texts as they are "
@@ -293,7 +294,7 @@ def validate(model: type[BaseModel], doc: dict[str, Any]) -> Any:
     try:
         return model.model_validate(doc)
     except ValidationError as e:
-        errors = e.errors(include_url=False)
+        errors = e.errors(include_url=False, include_input=False)
         # a union reports one error per member: the deepest one of the first field says most
         field = errors[0]["loc"][:1]
         mine = [x for x in errors if x["loc"][:1] == field]

@@ -25,6 +25,9 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
+        if body[:2] == b"\x1f\x8b":  # gzip's magic number: a client that compressed its body
+            raise bad_request("The request body is gzip-compressed (Content-Encoding: gzip), which the gateway "
+                              "does not accept; send the JSON uncompressed.", code="invalid_json") from None
         raise bad_request(f"The request body is not valid JSON: {e}.", code="invalid_json") from None
     if not isinstance(doc, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")

@@ -132,8 +132,10 @@ def _texts(docs: list[str | RerankDocument]) -> list[str]:
 Documents = Annotated[
     Union[
         Annotated[list[str], Field(min_length=1, fail_fast=True)],
+        # fail_fast here too: without it a 2 MB body of a million numbers made a million errors (15 s and
+        # 3 GB on the event loop) for a 400 that names the first
         Annotated[list[Annotated[Union[str, RerankDocument], Field(union_mode="left_to_right")]],
-                  Field(min_length=1), AfterValidator(_texts)],
+                  Field(min_length=1, fail_fast=True), AfterValidator(_texts)],
     ],
     Field(union_mode="left_to_right"),
 ]
