@@ -56,7 +56,7 @@ test-e2e: setup vllm-setup ## only the e2e suite on real vLLM
 	$(PY) -m pytest -m e2e
 
 run: setup redis-deps ## start the models and the gateway, print the key and a curl to try
-	./start_vllm_models.sh all
+	@./check_models_status.sh >/dev/null 2>&1 && echo "models already up (./check_models_status.sh)" || ./start_vllm_models.sh all
 	@mkdir -p $(LOG_DIR)
 	@$(PY) embedding_reranker_proxy.py keys init
 	@$(GATEWAY_PID); \

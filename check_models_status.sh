@@ -46,7 +46,7 @@ add() { facts+="$1=$2"$'\n'; }
 for m in $MODELS; do
     port="$(model_port "$m")"
     pid=""; alive=false
-    if pid="$(read_pid "$m")"; then pid_alive "$pid" && alive=true; else pid=""; fi
+    if pid="$(read_pid "$m")"; then vllm_server "$pid" "$(pid_file "$m")" && alive=true; else pid=""; fi
     listening=false; port_listening "$HOST_FOR_CHECK" "$port" && listening=true
     health="$(http_status "http://$HOST_FOR_CHECK:$port/health" 3)"
     models_json=""

@@ -54,16 +54,26 @@ source "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
 parse_args "--dry-run" "$@"
 DRY_RUN="$OPT_DRY_RUN"
 [[ "$DRY_RUN" == 1 ]] || mkdir -p "$LOG_DIR"
+if [[ "$DRY_RUN" != 1 ]] && command -v flock >/dev/null 2>&1; then
+    # One start at a time: two at once would start two servers on one port and GPU, and the one that
+    # failed would delete the PID file of the one that runs. The servers do not inherit the lock (9>&-).
+    exec 9> "$LOG_DIR/.start.lock"
+    flock -n 9 || die "another start_vllm_models.sh is running (it holds $LOG_DIR/.start.lock); wait for it"
+fi
 
 # ---- refuse a second copy, clean stale PID files, check ports (before any slow work) --------
 for m in $MODELS; do
     [[ "$DRY_RUN" == 1 ]] && break
     pf="$(pid_file "$m")"
     if pid="$(read_pid "$m")"; then
-        if pid_alive "$pid"; then
+        if vllm_server "$pid" "$pf"; then
             die "$m is already running (PID $pid, $pf); stop it first with ./stop_vllm_models.sh $m"
         fi
-        log "$m: removing stale PID file $pf (PID $pid is gone)"
+        if ! pid_alive "$pid" && vllm_group "$pid" "$pf"; then  # engines of a server that was killed
+            log "$m: killing the vLLM processes left in the group of PID $pid"
+            kill -KILL -- "-$pid" 2>/dev/null || true
+        fi
+        log "$m: removing stale PID file $pf (PID $pid is gone$(pid_alive "$pid" && echo ", or now another program's"))"
         rm -f "$pf" "$(gpu_file "$m")"
     elif [[ -f "$pf" ]]; then
         log "$m: removing unreadable PID file $pf"
@@ -78,7 +88,7 @@ done
 RUNNING=""
 for m in $ALL_MODELS; do
     [[ " $MODELS " == *" $m "* ]] && continue
-    if pid="$(read_pid "$m")" && pid_alive "$pid"; then RUNNING+=" $m"; fi
+    if pid="$(read_pid "$m")" && vllm_server "$pid" "$(pid_file "$m")"; then RUNNING+=" $m"; fi
 done
 
 resolve_all
@@ -194,7 +204,7 @@ start_one() {
     for v in VLLM_DEVICE VLLM_PYTHON VLLM_EXTRA_ARGS VLLM_HOST VLLM_START_TIMEOUT VLLM_STOP_TIMEOUT VLLM_CPU_VENV; do
         unset_own+=(-u "$v")
     done
-    (cd "$ERP_ROOT" && exec env "${unset_own[@]}" "${ENVS[@]}" "${launcher[@]}" "$VLLM_PY" "${ARGS[@]}") >> "$logf" 2>&1 < /dev/null &
+    (cd "$ERP_ROOT" && exec env "${unset_own[@]}" "${ENVS[@]}" "${launcher[@]}" "$VLLM_PY" "${ARGS[@]}") >> "$logf" 2>&1 < /dev/null 9>&- &
     local pid=$!
     echo "$pid" > "$pf"
     if [[ "$VLLM_RESOLVED_DEVICE" == cuda ]]; then echo "${PLAN_GPU[$m]}" > "$(gpu_file "$m")"; fi
@@ -304,4 +314,10 @@ fi
 if [[ -n "$FAILED" ]]; then
     die "failed to start:$FAILED (logs in $LOG_DIR)"
 fi
+# A server that was up may have died while a later stage started: say so rather than "all up".
+for m in "${!STARTED_PID[@]}"; do
+    if ! pid_alive "${STARTED_PID[$m]}"; then
+        die "$m exited after it was up (see $(log_file "$m")); ./check_models_status.sh shows what runs"
+    fi
+done
 log "all requested models are up. Status: ./check_models_status.sh   Stop: ./stop_vllm_models.sh"

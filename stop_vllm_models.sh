@@ -51,15 +51,17 @@ stop_one() {
     pgid="$(pgid_of "$pid")"
     if ! pid_alive "$pid"; then
         # The leader is gone; engine processes of its group may still linger.
-        if [[ -n "$pgid" ]] || group_alive "$pid"; then
-            log "$m: PID $pid is gone but its process group remains; killing it"
+        if group_alive "$pid" && vllm_group "$pid" "$pf"; then
+            log "$m: PID $pid is gone but vLLM processes of its group remain; killing them"
             kill -KILL -- "-$pid" 2>/dev/null || true
+        elif group_alive "$pid"; then
+            warn "$m: PID $pid is gone and process group $pid now holds other programs (PID reused?); leaving them alone"
         else
             log "$m: not running (stale PID file for PID $pid removed)"
         fi
         rm -f "$pf" "$(gpu_file "$m")"; return 0
     fi
-    if ! is_vllm_pid "$pid"; then
+    if ! vllm_server "$pid" "$pf"; then
         warn "$m: PID $pid from $pf is not a vLLM process (PID reused?); leaving it alone and removing the PID file"
         rm -f "$pf" "$(gpu_file "$m")"; return 0
     fi

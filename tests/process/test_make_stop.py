@@ -1,7 +1,7 @@
 """`make stop` signals the PID in $LOG_DIR/gateway.pid only when that process is the gateway.
 
 A PID file outlives a crash or a reboot, and its PID can be reused by an unrelated process; the
-Makefile checks /proc/PID/cmdline like scripts/common.sh's is_vllm_pid does for the models.
+Makefile checks /proc/PID/cmdline like scripts/common.sh's vllm_server does for the models.
 With an empty LOG_DIR, the `./stop_vllm_models.sh all` that `make stop` also runs finds no PID file.
 """
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -213,3 +214,79 @@ def test_when_the_first_server_on_a_gpu_fails_the_second_is_not_started(sim, tmp
     assert (s.log_dir / "embedding_model.log").exists() and not (s.log_dir / "reranker_model.log").exists()
     assert not list(s.log_dir.glob("*.pid")) and not list(s.log_dir.glob("*.gpu"))
     assert s.held_mib() == {}
+
+
+def foreign(s: Sim, *cmd: str) -> subprocess.Popen:
+    """Another program of the machine, in a process group of its own (as a daemon started by a script)."""
+    return subprocess.Popen(list(cmd), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_pid_file_whose_pid_now_belongs_to_another_program_is_not_taken_for_vllm(sim) -> None:
+    """After a reboot the PID in a PID file can belong to anything: start must not refuse, status must not
+    say alive, stop must not signal it, even when its command line mentions vllm."""
+    s = sim("h100x2")
+    s.log_dir.mkdir(parents=True)
+    notes = s.tmp / "vllm-notes.txt"
+    notes.write_text("")
+    other = foreign(s, "tail", "-f", str(notes))
+    try:
+        time.sleep(1.5)  # it started well before the PID file below was written...
+        (s.log_dir / "embedding.pid").write_text(f"{other.pid}\n")
+        status = s.run("check_models_status.sh", "--json")
+        assert json.loads(status.stdout)["models"]["embedding"]["pid_alive"] is False, status.stdout
+        stop = s.run("stop_vllm_models.sh", "embedding")
+        assert stop.returncode == 0 and other.poll() is None, stop.stdout + stop.stderr  # left alone
+        (s.log_dir / "embedding.pid").write_text(f"{other.pid}\n")
+        started = s.run("start_vllm_models.sh", "embedding")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert other.poll() is None
+    finally:
+        other.kill()
+        s.run("stop_vllm_models.sh")
+
+
+def test_stop_leaves_alone_a_process_group_of_other_programs_under_a_stale_pid(sim) -> None:
+    s = sim("h100x2")
+    s.log_dir.mkdir(parents=True)
+    leader = subprocess.run(["setsid", "bash", "-c", "sleep 600 >/dev/null 2>&1 & echo $$"],
+                            capture_output=True, text=True)
+    group = int(leader.stdout.strip())  # its leader has exited; the sleep remains in group `group`
+    try:
+        (s.log_dir / "embedding.pid").write_text(f"{group}\n")
+        stop = s.run("stop_vllm_models.sh", "embedding")
+        assert stop.returncode == 0 and "leaving them alone" in stop.stdout + stop.stderr
+        assert subprocess.run(["pgrep", "-g", str(group)], capture_output=True).returncode == 0  # still there
+    finally:
+        subprocess.run(["pkill", "-g", str(group)])
+
+
+def test_two_starts_at_once_never_start_two_servers(sim) -> None:
+    s = sim("h100x2")
+    env = {**s.env, "FAKE_VLLM_LOAD_SECONDS": "2"}
+    first = subprocess.Popen(["bash", str(ROOT / "start_vllm_models.sh"), "embedding"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (s.log_dir / ".start.lock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        second = s.run("start_vllm_models.sh", "embedding")
+        assert second.returncode == 1 and "another start_vllm_models.sh is running" in second.stderr + second.stdout
+        out, _ = first.communicate(timeout=60)
+        assert first.returncode == 0, out
+        assert len(s.launched()) == 1
+        assert s.run("start_vllm_models.sh", "embedding").returncode == 1  # running: refused as before
+    finally:
+        first.kill()
+        s.run("stop_vllm_models.sh")
+
+
+def test_dry_run_of_the_cpu_profile_installs_nothing(sim) -> None:
+    s = sim("h100x2")
+    venv = s.tmp / "no-venv-yet"
+    env = {k: v for k, v in s.env.items() if k != "VLLM_PYTHON"}
+    dry = subprocess.run(["bash", str(ROOT / "start_vllm_models.sh"), "--dry-run"], cwd=ROOT,
+                         env={**env, "VLLM_DEVICE": "cpu", "VLLM_CPU_VENV": str(venv)},
+                         capture_output=True, text=True, timeout=120)
+    assert not venv.exists(), dry.stdout + dry.stderr  # nothing installed
+    assert "a real start runs scripts/setup_vllm_cpu.sh" in dry.stderr + dry.stdout
