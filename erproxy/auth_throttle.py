@@ -36,7 +36,7 @@ import itertools
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .asgi import Request
 from .errors import ApiError, too_many
@@ -47,6 +47,7 @@ MAX_TRACKED = 100_000  # addresses with failures remembered per process; beyond,
 SWEEP_EVERY_S = 30.0
 BLOCKED_POLL_S = 0.5
 POLL_LIMIT = 10_000
+MEMO_MAX = 10_000  # addresses whose trust and counted network are remembered (Memo)
 PREFIX = "erproxy:authfail:"
 BLOCKED_SET = "erproxy:authblocked"
 
@@ -96,6 +97,22 @@ def too_many_failures(retry_after: int) -> ApiError:
                     "key.", code="too_many_auth_failures", retry_after=retry_after)
 
 
+class Memo(dict):  # type: ignore[type-arg]
+    """`compute(address)` worked out once per address (a dict lookup after that), all forgotten at once past
+    MEMO_MAX addresses, so a flood of addresses cannot grow it without bound."""
+
+    def __init__(self, compute: Callable[[str], Any]) -> None:
+        super().__init__()
+        self.compute = compute
+
+    def __missing__(self, address: str) -> Any:
+        value = self.compute(address)
+        if len(self) >= MEMO_MAX:
+            self.clear()
+        self[address] = value
+        return value
+
+
 class TrustedProxies:
     """Which connecting addresses may name the client in X-Forwarded-For."""
 
@@ -104,27 +121,20 @@ class TrustedProxies:
         nets = [plain_network(ipaddress.ip_network(n, strict=False)) for n in networks]
         self.exact = frozenset(str(n.network_address) for n in nets if n.num_addresses == 1)
         self.nets = tuple(n for n in nets if n.num_addresses > 1)
-        self._seen: dict[str, bool] = {}
+        self._in_nets = Memo(self._in_networks)
 
     def __bool__(self) -> bool:
         return bool(self.exact or self.nets)
 
     def __contains__(self, address: str) -> bool:
-        if address in self.exact:
-            return True
-        if not self.nets:
+        return address in self.exact or (bool(self.nets) and self._in_nets[address])
+
+    def _in_networks(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
             return False
-        hit = self._seen.get(address)
-        if hit is None:
-            try:
-                ip = ipaddress.ip_address(address)
-                hit = any(ip in n for n in self.nets)
-            except ValueError:
-                hit = False
-            if len(self._seen) > 10_000:
-                self._seen.clear()
-            self._seen[address] = hit
-        return hit
+        return any(ip in n for n in self.nets)
 
     def client(self, req: Request) -> str:
         """The client's address: the connecting one, or from X-Forwarded-For when a trusted proxy connects."""
@@ -182,21 +192,18 @@ class CountedAs:
 
     def __init__(self, prefix: int = 64) -> None:
         self.prefix = prefix
-        self._seen: dict[str, str] = {}
+        self._networks = Memo(self._network)
 
     def __call__(self, address: str) -> str:
         if ":" not in address or self.prefix >= 128:
             return address
-        counted = self._seen.get(address)
-        if counted is None:
-            try:
-                counted = str(ipaddress.IPv6Network((address, self.prefix), strict=False))
-            except ValueError:
-                counted = address
-            if len(self._seen) > 10_000:
-                self._seen.clear()
-            self._seen[address] = counted
-        return counted
+        return self._networks[address]
+
+    def _network(self, address: str) -> str:
+        try:
+            return str(ipaddress.IPv6Network((address, self.prefix), strict=False))
+        except ValueError:
+            return address
 
 
 class AuthThrottle:
