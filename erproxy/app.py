@@ -307,14 +307,10 @@ def stop_with_parent() -> None:
     import multiprocessing
     import signal
 
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-    try:
-        import ctypes
+    from .util import term_with_parent
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except Exception:  # noqa: BLE001 - not Linux
+    parent = multiprocessing.parent_process()
+    if parent is None or not term_with_parent():
         return
     if os.getppid() != parent.pid:  # it died before the line above: the signal will not come
         os.kill(os.getpid(), signal.SIGTERM)

@@ -31,6 +31,7 @@ log = logging.getLogger("erproxy.keys")
 
 FILE_VERSION = 1
 LAST_GOOD_SUFFIX = ".last-good"  # beside the key file: see KeyStore.last_good_path
+Stamp = tuple[int, int, int, int]  # what tells a key file changed: mtime, size, inode, ctime (KeyStore)
 
 
 class KeyFileError(RuntimeError):
@@ -240,12 +241,12 @@ class KeyStore:
         self._revoked_elsewhere = revoked_elsewhere or frozenset
         self._by_hash: dict[str, KeyRecord] = {}
         self._identities: dict[str, Identity] = {}
-        self._stamp: tuple[int, int, int, int] | None = None
-        self._saved_stamp: tuple[int, int, int, int] | None = None  # the stamp last copied to last_good_path
+        self._stamp: Stamp | None = None
+        self._saved_stamp: Stamp | None = None  # the stamp last copied to last_good_path
         self.error: str | None = None  # what is wrong with the file now; None when the last read was good
         self.last_good_load: float | None = None  # time.time() of the last good read
 
-    def _file_stamp(self) -> tuple[int, int, int, int] | None:
+    def _file_stamp(self) -> Stamp | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -266,7 +267,7 @@ class KeyStore:
         """What /health shows of the key file."""
         return {"file": str(self.path), "last_good_load": self.last_good_load_iso, "error": self.error}
 
-    def _use(self, records: list[KeyRecord], stamp: tuple[int, int, int, int] | None) -> None:
+    def _use(self, records: list[KeyRecord], stamp: Stamp | None) -> None:
         self._by_hash = {r.hash: r for r in records}
         self._identities = {
             r.hash: Identity(r.name, r.prefix, r.rate_limit, tuple(r.models) if r.models else None, r.hash[7:39],

@@ -19,13 +19,14 @@ import fcntl
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .util import term_with_parent
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -82,16 +83,6 @@ def answers_ping(path: Path, timeout: float = 0.5) -> bool:
     """A redis-server runs on `path`: it answers PING, or says it is still loading its data."""
     reply = ping(path, timeout)
     return reply is not None and (reply.startswith(b"+PONG") or reply.startswith(b"-LOADING"))
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGTERM the child when the gateway dies without stopping it (SIGKILL, a crash)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except Exception:  # noqa: BLE001 - not Linux: the next start handles the stale socket
-        pass
 
 
 class PrivateRedis:
@@ -166,7 +157,7 @@ class PrivateRedis:
                "--daemonize", "no", "--logfile", str(self.directory / LOG_NAME), "--pidfile", ""]
         self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True, cwd=self.directory,
-                                      preexec_fn=_die_with_parent)
+                                      preexec_fn=term_with_parent)  # the child: SIGTERM if the gateway dies
         deadline = time.monotonic() + START_TIMEOUT_S
         loading_since = None
         while True:
@@ -214,7 +205,8 @@ class PrivateRedis:
             log.error("private redis-server (pid %d) exited with %s; starting it again on the same data",
                       p.pid, code)
             try:
-                self._start(self._exe or binary() or "redis-server")
+                assert self._exe is not None  # set by the _start that launched `p`
+                self._start(self._exe)
             except (PrivateRedisError, OSError) as e:
                 log.error("private redis-server could not be started again: %s", e)
                 return

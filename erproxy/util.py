@@ -28,3 +28,15 @@ def exclusive_lock(lock_path: str, mode: int = 0o600) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def term_with_parent() -> bool:
+    """Linux: this process gets SIGTERM when its parent dies (PR_SET_PDEATHSIG), so it does not outlive a
+    gateway killed without stopping it (SIGKILL, a crash). False where the system has no such thing."""
+    try:
+        import ctypes
+        import signal
+
+        return ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) == 0  # PR_SET_PDEATHSIG = 1
+    except Exception:  # noqa: BLE001 - not Linux
+        return False
