@@ -266,6 +266,7 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Gatewa
         timeout=settings.timeout,
         health_interval=settings.health_interval,
         default_models={"embedding": settings.embedding_model, "reranker": settings.reranker_model},
+        max_answer_bytes=settings.max_answer_bytes,
     )
     metrics = Metrics()
     cache = ItemCache(settings.cache_max_bytes, settings.redis_url, settings.cache_ttl)

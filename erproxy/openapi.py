@@ -54,7 +54,8 @@ BODY_ROUTE = {
     404: "Unknown model (`model_not_found`; the message lists the served ones).",
     408: "The body did not arrive within `BODY_TIMEOUT` seconds (`request_timeout`).",
     413: "Body over `MAX_BODY_BYTES` (`request_too_large`): split the batch.",
-    502: "vLLM failed, answered garbage, or refused the gateway (`bad_upstream_response`).",
+    502: "vLLM failed, answered garbage, or refused the gateway (`bad_upstream_response`), or answered more than "
+         "MAX_ANSWER_BYTES (`upstream_answer_too_large`).",
     504: "vLLM did not answer within `TIMEOUT` seconds (`upstream_timeout`).",
 }
 

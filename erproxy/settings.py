@@ -253,6 +253,9 @@ class Settings(BaseSettings):
         "500", "Requests served at once; more get 429 concurrency_limit_exceeded.")
     body_timeout: Seconds = knob("30", "Seconds a client may take to send its request body; slower gets 408.")
     max_body_bytes: Size = knob("16MiB", "Largest request body accepted; more gets 413.")
+    max_answer_bytes: Size = knob(
+        "256MiB", "Largest answer read from an upstream (vLLM's JSON for 2,048 inputs of 4,096 floats is ~170 MB); "
+        "a larger one is dropped unread and the client gets 502 upstream_answer_too_large.")
     health_interval: Seconds = knob("10", "Seconds between active health checks of each upstream.")
     ssl_certfile: OptionalText = knob("", "PEM certificate (chain): with SSL_KEYFILE the gateway serves HTTPS.")
     ssl_keyfile: OptionalText = knob("", "PEM private key for SSL_CERTFILE.")

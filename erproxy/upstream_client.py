@@ -10,8 +10,10 @@ What it does, and only that: POST (or GET) a body, read the whole answer (Conten
 keep the connection for the next request when the server allows it. A connection whose request was
 cancelled, timed out or failed is closed, never reused. Failures are typed for upstreams.py:
 `ConnectFailed` (refused, unreachable: the replica is down), `ConnectionDropped` (closed before a
-complete answer: e.g. a keep-alive connection the server had just closed), `InvalidResponse` (not
-HTTP), and `asyncio.TimeoutError`.
+complete answer: e.g. a keep-alive connection the server had just closed; `reused` says whether the
+connection had served a request before), `InvalidResponse` (not HTTP), `AnswerTooLarge` (more bytes
+than the pool's `max_answer_bytes`: the connection is closed before they fill the gateway's memory),
+and `asyncio.TimeoutError`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from urllib.parse import urlsplit
 import httptools
 
 CONNECT_TIMEOUT_S = 5.0  # to open a connection to a replica (a LAN or loopback answers in well under 1 ms)
+DEFAULT_MAX_ANSWER_BYTES = 256 * 1024 * 1024  # the MAX_ANSWER_BYTES setting's default
 
 
 class UpstreamError(Exception):
@@ -39,19 +42,26 @@ class ConnectFailed(UpstreamError):
 
 
 class ConnectionDropped(UpstreamError):
-    pass
+    def __init__(self, message: str, reused: bool = False) -> None:
+        super().__init__(message)
+        self.reused = reused  # on a kept-alive connection (the server may just have closed it), not a new one
 
 
 class InvalidResponse(UpstreamError):
     pass
 
 
+class AnswerTooLarge(UpstreamError):
+    pass
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: at most one request at a time."""
 
-    __slots__ = ("transport", "parser", "waiter", "chunks", "closed", "keep_alive", "idle_since")
+    __slots__ = ("transport", "parser", "waiter", "chunks", "closed", "keep_alive", "idle_since", "received",
+                 "limit", "reused")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
@@ -59,6 +69,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.keep_alive = True
         self.idle_since = 0.0
+        self.received = 0  # bytes of the answer under way (head and body)
+        self.limit = limit
+        self.reused = False  # has answered a request before
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -66,6 +79,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.waiter is None:  # bytes nobody asked for: the connection is not usable any more
+            self.abort()
+            return
+        self.received += len(data)
+        if self.received > self.limit:
+            self._fail(AnswerTooLarge(f"answer larger than {self.limit} bytes"))
             self.abort()
             return
         try:
@@ -77,7 +95,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._fail(ConnectionDropped(f"connection closed before a complete answer"
-                                     f"{f' ({exc})' if exc else ''}"))
+                                     f"{f' ({exc})' if exc else ''}", self.reused))
 
     # -- httptools callbacks --
     def on_body(self, body: bytes) -> None:
@@ -110,7 +128,7 @@ class _Connection(asyncio.Protocol):
 class HostPool:
     """Keep-alive connections to one upstream (`scheme://host:port[/prefix]`)."""
 
-    def __init__(self, url: str, *, idle_timeout: float) -> None:
+    def __init__(self, url: str, *, idle_timeout: float, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"upstream URL must be http:// or https://, got {url!r}")
@@ -122,6 +140,7 @@ class HostPool:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = (host if default_port else f"{host}:{self.port}").encode()
         self.idle_timeout = idle_timeout
+        self.max_answer_bytes = max_answer_bytes
         self.idle: deque[_Connection] = deque()
 
     async def _connect(self, timeout: float) -> _Connection:
@@ -129,7 +148,7 @@ class HostPool:
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    _Connection, self.host, self.port, ssl=self.ssl,
+                    lambda: _Connection(self.max_answer_bytes), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None)
         except TimeoutError:  # (an OSError too) a host that is gone: no answer, not even a refusal
             raise ConnectFailed(OSError(errno.ETIMEDOUT, f"no connection within {timeout:g} s")) from None
@@ -155,6 +174,7 @@ class HostPool:
         # all, and the request should go to another replica rather than wait for the whole TIMEOUT
         conn = self._take_idle() or await self._connect(min(timeout, CONNECT_TIMEOUT_S))
         waiter = conn.waiter = loop.create_future()
+        conn.received = 0
         head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (
             method, self.prefix, path.encode(), self.host_header, content_type, len(body))
         assert conn.transport is not None
@@ -170,6 +190,7 @@ class HostPool:
         finally:
             timer.cancel()
         if conn.keep_alive and not conn.closed:
+            conn.reused = True
             conn.idle_since = time.monotonic()
             self.idle.append(conn)
         else:
@@ -184,14 +205,16 @@ class HostPool:
 class UpstreamClient:
     """One HostPool per upstream URL."""
 
-    def __init__(self, *, idle_timeout: float) -> None:
+    def __init__(self, *, idle_timeout: float, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
         self.idle_timeout = idle_timeout
+        self.max_answer_bytes = max_answer_bytes
         self.pools: dict[str, HostPool] = {}
 
     def pool(self, url: str) -> HostPool:
         p = self.pools.get(url)
         if p is None:
-            p = self.pools[url] = HostPool(url, idle_timeout=self.idle_timeout)
+            p = self.pools[url] = HostPool(url, idle_timeout=self.idle_timeout,
+                                                 max_answer_bytes=self.max_answer_bytes)
         return p
 
     async def post(self, url: str, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:

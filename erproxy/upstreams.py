@@ -24,7 +24,9 @@ import aiohttp
 import orjson
 
 from .errors import ApiError, bad_gateway, gateway_timeout, not_found, unavailable
-from .upstream_client import ConnectFailed, ConnectionDropped, InvalidResponse, UpstreamClient
+from .upstream_client import (
+    DEFAULT_MAX_ANSWER_BYTES, AnswerTooLarge, ConnectFailed, ConnectionDropped, InvalidResponse, UpstreamClient,
+)
 
 log = logging.getLogger("erproxy.upstreams")
 
@@ -32,6 +34,10 @@ KINDS = ("embedding", "reranker")
 # vLLM's HTTP server closes idle connections after 5 s; reusing one it already closed costs a retry.
 UPSTREAM_KEEPALIVE_S = 4.0
 MAX_BACKOFF_S = 30.0
+# New connections a replica may close in a row without answering before it is ejected: one can be a request
+# that crashed a worker, several are a replica that accepts connections and serves nothing (its /health may
+# still answer). A drop on a kept-alive connection does not count: the server may just have closed it.
+DROPS_TO_EJECT = 3
 HEALTH_TIMEOUT_S = 5.0
 
 
@@ -55,6 +61,8 @@ class Replica:
     next_check: float = 0.0
     last_error: str | None = None
     hung: bool = False  # ejected for not answering (a timeout), not for refusing
+    drops: int = 0  # new connections closed in a row without an answer (DROPS_TO_EJECT)
+    drop_ejections: int = 0  # ejections for drops since its last answer: each one is kept out twice as long
 
     def state(self) -> dict[str, Any]:
         return {
@@ -228,17 +236,19 @@ class HealthChecks:
         if not was_healthy:
             log.info("upstream %s (%s) is healthy, serving %s", r.url, r.kind, ", ".join(r.models) or "?")
 
-    def mark_failed(self, r: Replica, reason: str, probe: bool = False, hung: bool = False) -> None:
+    def mark_failed(self, r: Replica, reason: str, probe: bool = False, hung: bool = False,
+                    strikes: int = 1) -> None:
         """Eject a replica and schedule a probe with back-off that grows with each failed probe.
 
         A request that fails on an already ejected replica changes nothing: eight requests in flight
-        when vLLM restarts are one failure, not eight. `hung`: it did not answer (a timeout).
+        when vLLM restarts are one failure, not eight. `hung`: it did not answer (a timeout). `strikes`:
+        how many times in a row requests have ejected it (a probe that passes does not prove it serves).
         """
         r.hung = hung
         if not probe and not r.healthy:
             r.last_error = reason
             return
-        r.failures = r.failures + 1 if probe else 1
+        r.failures = r.failures + 1 if probe else strikes
         backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (r.failures - 1))
         r.next_check = time.monotonic() + backoff
         r.last_error = reason
@@ -284,16 +294,18 @@ class Upstreams(ReplicaSet):
         timeout: float,
         health_interval: float,
         default_models: dict[str, str | None] | None = None,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
         super().__init__(embedding, reranker, default_models)
         self.timeout = timeout
+        self.max_answer_bytes = max_answer_bytes
         self.health = HealthChecks(self, timeout=timeout, interval=health_interval)
         self.client: UpstreamClient | None = None
 
     async def start(self) -> None:
         # Requests go through upstream_client.py (keep-alive, no compression asked: bodies pass as bytes);
         # health checks keep their own aiohttp session (HealthChecks).
-        self.client = UpstreamClient(idle_timeout=UPSTREAM_KEEPALIVE_S)
+        self.client = UpstreamClient(idle_timeout=UPSTREAM_KEEPALIVE_S, max_answer_bytes=self.max_answer_bytes)
         await self.health.start()
 
     async def close(self) -> None:
@@ -301,8 +313,9 @@ class Upstreams(ReplicaSet):
         if self.client:
             self.client.close()
 
-    def mark_failed(self, r: Replica, reason: str, probe: bool = False, hung: bool = False) -> None:
-        self.health.mark_failed(r, reason, probe, hung)
+    def mark_failed(self, r: Replica, reason: str, probe: bool = False, hung: bool = False,
+                    strikes: int = 1) -> None:
+        self.health.mark_failed(r, reason, probe, hung, strikes)
 
     async def post(self, kind: str, model: str | None, path: str, body: bytes) -> UpstreamResponse:
         """POST `body` to a replica serving `model`; map transport failures to 502/503/504."""
@@ -350,12 +363,23 @@ class Upstreams(ReplicaSet):
             self.mark_failed(r, _describe(e))
             raise _ConnectionFailed(r, _describe(e), refused=True) from None
         except ConnectionDropped as e:
+            if not e.reused:
+                r.drops += 1
+                if r.drops >= DROPS_TO_EJECT and r.healthy:
+                    r.drops, r.drop_ejections = 0, r.drop_ejections + 1
+                    self.mark_failed(r, f"closed {DROPS_TO_EJECT} new connections in a row without answering",
+                                     strikes=r.drop_ejections)
             raise _ConnectionFailed(r, _describe(e), refused=False) from None
         except InvalidResponse as e:  # not HTTP at all
             self.mark_failed(r, str(e))
             raise bad_gateway(f"The upstream {r.url} answered something that is not valid HTTP.") from None
+        except AnswerTooLarge:  # this request's answer (or a runaway upstream): the replica stays in rotation
+            raise bad_gateway(f"The upstream {r.url} answered more than MAX_ANSWER_BYTES={self.max_answer_bytes} "
+                              "bytes; the answer was dropped.", code="upstream_answer_too_large") from None
         finally:
             r.in_flight -= 1
+        if r.drops or r.drop_ejections:
+            r.drops = r.drop_ejections = 0
         if status >= 500:
             self.mark_failed(r, f"answered HTTP {status}")
         return UpstreamResponse(status, data, r)

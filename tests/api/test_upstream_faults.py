@@ -131,3 +131,30 @@ async def test_with_every_replica_hanging_a_request_gets_503_at_once_not_after_t
     elapsed = time.monotonic() - t0
     assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable", r.text
     assert elapsed < 0.4, f"{elapsed:.2f} s"
+
+
+async def test_a_replica_that_closes_every_connection_unanswered_is_ejected_and_the_other_serves(
+        fakes, fake_rerank, make_gateway):
+    from erproxy.upstreams import DROPS_TO_EJECT
+
+    broken, good = await fakes.start("embed"), await fakes.start("embed")
+    gw = await make_gateway(embed=f"{broken.url},{good.url}", rerank=fake_rerank.url, HEALTH_INTERVAL="60")
+    broken.set_mode("reset")  # takes each request and closes the connection; its /health still answers 200
+    answers = [await post_embed(gw) for _ in range(30)]
+    assert [r.status_code for r in answers] == [200] * 30  # each dropped request was retried on the other
+    hits = broken.stats()["requests"].get("/v1/embeddings", 0)
+    assert DROPS_TO_EJECT <= hits <= 2 * DROPS_TO_EJECT, f"the broken replica got {hits} of 30 requests"
+
+
+async def test_an_upstream_answer_over_max_answer_bytes_is_502_and_the_replica_keeps_serving(
+        fake_embed, fake_rerank, make_gateway):
+    gw = await make_gateway(embed=fake_embed.url, rerank=fake_rerank.url, MAX_ANSWER_BYTES="4KiB")
+    r = await gw.post("/v1/embeddings", headers=gw.auth(), json={"model": "minilm", "input": ["big", "answer"]})
+    assert r.status_code == 502, r.text  # two vectors of 384 floats: ~16 KB of JSON
+    error = r.json()["error"]
+    assert error["type"] == "upstream_error" and error["code"] == "upstream_answer_too_large"
+    assert "MAX_ANSWER_BYTES=4096" in error["message"]
+    small = await gw.post("/v1/rerank", headers=gw.auth(), json={"query": "q", "documents": ["a"]})
+    assert small.status_code == 200
+    replicas = (await gw.get("/health")).json()["upstreams"]["embedding"]["replicas"]
+    assert replicas[0]["healthy"] is True  # a large answer is that request's, not a broken replica

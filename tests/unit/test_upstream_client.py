@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from erproxy.upstream_client import ConnectFailed, ConnectionDropped, InvalidResponse, UpstreamClient
+from erproxy.upstream_client import AnswerTooLarge, ConnectFailed, ConnectionDropped, InvalidResponse, UpstreamClient
 from devtools.procs import free_port
 
 pytestmark = pytest.mark.asyncio
@@ -120,11 +120,77 @@ async def test_an_error_status_is_an_answer_not_a_failure() -> None:
         await runner.cleanup()
 
 
+async def test_an_endless_answer_is_cut_at_the_size_bound_not_read_until_the_timeout() -> None:
+    sent = [0]
+
+    async def endless(request: web.Request) -> web.StreamResponse:  # an upstream gone wrong: it never ends
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        block = b"0.123456789, " * 5000
+        try:
+            while True:
+                await resp.write(block)
+                sent[0] += len(block)
+        except (ConnectionError, RuntimeError):
+            return resp
+
+    runner, url, seen = await aiohttp_server(endless)
+    client = UpstreamClient(idle_timeout=4.0, max_answer_bytes=1 << 20)
+    try:
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(AnswerTooLarge):
+            await client.post(url, "/x", b"{}", 30.0)
+        assert asyncio.get_running_loop().time() - t0 < 10
+        assert not client.pool(url).idle  # the connection is closed, never reused
+        # an answer under the bound still comes back whole on a new connection
+        small = UpstreamClient(idle_timeout=4.0, max_answer_bytes=1 << 20)
+        runner2, url2, _ = await aiohttp_server(lambda request: _sized(900_000))
+        try:
+            status, body = await small.post(url2, "/x", b"{}", 5.0)
+            assert status == 200 and len(body) == 900_000
+        finally:
+            small.close()
+            await runner2.cleanup()
+    finally:
+        client.close()
+        await runner.cleanup()
+
+
+async def _sized(n: int) -> web.Response:
+    return web.Response(body=b"x" * n)
+
+
 async def test_a_refused_connection_is_connect_failed() -> None:
     client = UpstreamClient(idle_timeout=4.0)
     with pytest.raises(ConnectFailed) as e:
         await client.post(f"http://127.0.0.1:{free_port()}", "/x", b"{}", 5.0)
     assert isinstance(e.value.os_error, ConnectionRefusedError)
+
+
+async def test_a_drop_says_whether_the_connection_had_served_before() -> None:
+    async def once_then_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n{}")  # the first request: answered, kept alive
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.readuntil(b"\r\n\r\n{}")  # the second: the server goes away without an answer
+        writer.close()
+
+    server = await asyncio.start_server(once_then_silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    silent, silent_url = await raw_server(b"", close=True)
+    client = UpstreamClient(idle_timeout=4.0)
+    try:
+        with pytest.raises(ConnectionDropped) as new:
+            await client.post(silent_url, "/x", b"{}", 5.0)
+        assert new.value.reused is False
+        assert await client.post(url, "/x", b"{}", 5.0) == (200, b"ok")
+        with pytest.raises(ConnectionDropped) as kept:
+            await client.post(url, "/x", b"{}", 5.0)
+        assert kept.value.reused is True
+    finally:
+        client.close()
+        server.close()
+        silent.close()
 
 
 @pytest.mark.parametrize("answer, close, failure", [

@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 
 from erproxy.errors import ApiError
-from erproxy.upstreams import ModelInfo, Replica, Upstreams
+from erproxy.upstream_client import ConnectionDropped
+from erproxy.upstreams import DROPS_TO_EJECT, ModelInfo, Replica, Upstreams, _ConnectionFailed
 
 
 def ups(n_embed=2, n_rerank=1) -> Upstreams:
@@ -71,3 +72,46 @@ def test_default_model_is_configured_or_discovered():
     assert u.default_model("embedding") == "emb"
     u.default_models["embedding"] = "configured"
     assert u.default_model("embedding") == "configured"
+
+
+class _DroppingClient:
+    """Stands in for the keep-alive client: every request's connection closes without an answer."""
+
+    def __init__(self) -> None:
+        self.reused = False
+        self.answers = False
+
+    async def post(self, url, path, body, timeout):
+        if self.answers:
+            return 200, b"{}"
+        raise ConnectionDropped("connection closed before a complete answer", reused=self.reused)
+
+
+async def test_a_replica_that_drops_new_connections_is_ejected_and_kept_out_longer_each_time():
+    u = ups(1)
+    (r,) = u.replicas["embedding"]
+    u.client = client = _DroppingClient()
+
+    async def drop(times: int) -> None:
+        for _ in range(times):
+            with pytest.raises(_ConnectionFailed):
+                await u._post_once(r, "/v1/embeddings", b"{}", 5)
+
+    client.reused = True  # kept-alive connections the server had closed: normal, never an ejection
+    await drop(2 * DROPS_TO_EJECT)
+    assert r.healthy
+    client.reused = False
+    waits = []
+    for _ in range(3):
+        await drop(DROPS_TO_EJECT - 1)
+        assert r.healthy  # one dropped request may be that request's fault
+        await drop(1)
+        assert not r.healthy and "new connections in a row" in r.last_error
+        waits.append(round(r.next_check - time.monotonic(), 1))
+        r.healthy = True  # its probe passed: /health answers, but requests still get nothing
+    assert waits == [0.5, 1.0, 2.0]
+    client.answers = True  # it serves again: forgiven
+    assert (await u._post_once(r, "/v1/embeddings", b"{}", 5)).status == 200
+    client.answers = False
+    await drop(DROPS_TO_EJECT)
+    assert round(r.next_check - time.monotonic(), 1) == 0.5
