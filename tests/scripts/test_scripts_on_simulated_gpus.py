@@ -290,3 +290,25 @@ def test_dry_run_of_the_cpu_profile_installs_nothing(sim) -> None:
                          capture_output=True, text=True, timeout=120)
     assert not venv.exists(), dry.stdout + dry.stderr  # nothing installed
     assert "a real start runs scripts/setup_vllm_cpu.sh" in dry.stderr + dry.stdout
+
+
+def test_a_hung_nvidia_smi_neither_hangs_the_status_check_nor_lets_start_guess_the_device(sim) -> None:
+    s = sim("h100x2")
+    started = s.run("start_vllm_models.sh", "all")
+    assert started.returncode == 0, started.stdout + started.stderr
+    hung = {"FAKE_NVIDIA_SMI_HANG": "1", "NVIDIA_SMI_TIMEOUT": "1"}
+    t0 = time.monotonic()
+    status = s.run("check_models_status.sh", "--json", "--no-gateway", timeout=60, **hung)
+    assert time.monotonic() - t0 < 20  # one time-out, not one per question asked of nvidia-smi
+    report = json.loads(status.stdout)
+    assert status.returncode == 0 and report["up"] is True  # the servers answer: they are up
+    assert "nvidia-smi did not answer within 1 s" in report["gpu_error"]
+    assert all(m["gpu"] is None for m in report["models"].values())
+    table = s.run("check_models_status.sh", "--no-gateway", timeout=60, **hung)
+    assert "GPU memory not shown: nvidia-smi did not answer" in table.stdout, table.stdout
+    s.run("stop_vllm_models.sh", "all")
+    # VLLM_DEVICE=auto must not take a wedged GPU host for one without GPUs and start the CPU profile
+    again = s.run("start_vllm_models.sh", "all", "--dry-run", timeout=60, VLLM_DEVICE="auto", **hung)
+    assert again.returncode != 0
+    assert "nvidia-smi did not answer within 1 s" in again.stdout + again.stderr
+    assert "VLLM_DEVICE=cpu" in again.stdout + again.stderr
