@@ -62,14 +62,16 @@ class RateLimits:
         self._keys: dict[tuple[str, str | None], tuple[RateLimitItem, str]] = {}
 
     def key_for(self, who: Identity) -> tuple[RateLimitItem, str]:
-        """The key's RateLimitItem and its window's name (`limits`' own: LIMITER/bucket/amount/multiples/unit)."""
+        """The key's RateLimitItem and its window's name, LIMITER/bucket. The name is the key's alone, not
+        its limit's (as `limits` would name it, LIMITER/bucket/amount/multiples/unit): a key whose limit
+        the operator lowers keeps the hits it already made, rather than getting a whole new allowance;
+        a window holds hit times, and each check counts those inside the limit of the moment."""
         k = (who.bucket or who.name, who.rate_limit)
         found = self._keys.get(k)
         if found is None:
             if len(self._keys) > 65536:
                 self._keys.clear()
-            item = self.item_for(who)
-            found = self._keys[k] = (item, item.key_for(k[0]))
+            found = self._keys[k] = (self.item_for(who), f"LIMITER/{k[0]}")
         return found
 
     def item_for(self, who: Identity) -> RateLimitItem:
@@ -138,9 +140,16 @@ class LocalWindowStorage(Storage, MovingWindowSupport):
             self._sweep(now)
         if amount > limit:
             return False
-        q = self._live(key, expiry, now)
-        if q is None:
+        entry = self.windows.get(key)
+        if entry is None:
             q = self._new_window(key, expiry)
+        else:
+            q = entry[0]
+            if entry[1] != expiry:  # the key's limit changed: its hits stay, swept by the new expiry
+                self.windows[key] = (q, expiry)
+            cutoff = now - expiry
+            while q and q[0] < cutoff:
+                q.popleft()
         if len(q) + amount > limit:
             return False
         if amount == 1:
@@ -161,6 +170,13 @@ class LocalWindowStorage(Storage, MovingWindowSupport):
         now = self.clock()
         q = self._live(key, expiry, now)
         return (q[0], len(q)) if q else (now, 0)
+
+    def frees_at(self, key: str, limit: int, expiry: int) -> float:
+        """When a refused key may hit again: once the hit that puts it at its limit has expired (the oldest,
+        unless the limit was lowered under the hits the window already holds)."""
+        now = self.clock()
+        q = self._live(key, expiry, now)
+        return q[len(q) - limit] + expiry if q and len(q) >= limit > 0 else now + expiry
 
     async def get_num_acquired(self, key: str, expiry: int) -> int:
         """Hits still inside the window (the name limits < 5 gave this query)."""
@@ -238,8 +254,7 @@ class MemoryAdmission:
             item, key = self.limits.key_for(who)
             expiry = item.get_expiry()
             if not self._storage.hit(key, item.amount, expiry):
-                start, _ = self._storage.window(key, expiry)
-                raise rate_limited(item, retry_after_s(start + expiry, self.clock()))
+                raise rate_limited(item, retry_after_s(self._storage.frees_at(key, item.amount, expiry), self.clock()))
         ticket = window = None
         if token_limit is not None and who is not None:
             ticket, retry, window = self.tokens.decide(who.bucket or who.name, token_limit)

@@ -12,8 +12,9 @@ batch) go out with the next write; only when no write comes within BATCH_WAIT_S 
 own (a worker under load never sends them alone: no write, no reply, no wake-up of their own).
 
 - Rate limits: `limits`' moving window and its data layout (a list of hit times, newest first, trimmed
-  to the limit, under LIMITS:LIMITER/bucket/amount/multiples/unit): the same limits per key, the same
-  Retry-After (until the oldest hit of a full window leaves it).
+  to the limit), under LIMITS:LIMITER/bucket, a name of the key's alone (admission.RateLimits.key_for:
+  a lowered limit keeps the hits already made): the same limits per key, the same Retry-After (until
+  the hit that fills the window leaves it).
 - Token limits: token_limits.py's windows (`erproxy:tokens:BUCKET:WINDOW`), checked with the others.
 - Concurrency cap: a sorted set of leases (`erproxy:inflight`), counted and taken in the same script,
   so under any interleaving at most MAX_CONCURRENT_REQUESTS are admitted. Each worker renews its

@@ -103,29 +103,38 @@ def _bucket(who: Identity) -> str:
 class MemoryTokenLimiter:
     """Token windows of this process: exact for one worker."""
 
+    SWEEP_AT = 4096  # windows kept before ended ones are swept; then twice what is left, so sweeps stay rare
+
     def __init__(self, clock: Clock = time.time) -> None:
         self.clock = clock
-        self.windows: dict[tuple[str, int], list[int]] = {}  # (bucket, window) -> [used, answered, in flight]
+        # (bucket, period, window) -> [used, answered, in flight]. The period is part of the key: window
+        # numbers of a day and of a minute are on different scales, and only time says which have ended.
+        self.windows: dict[tuple[str, int, int], list[int]] = {}
         self.last: dict[str, int] = {}  # bucket -> tokens of its last answer
+        self._sweep_at = self.SWEEP_AT
 
-    def _w(self, bucket: str, window: int) -> list[int]:
-        w = self.windows.get((bucket, window))
+    def _w(self, bucket: str, period: int, window: int) -> list[int]:
+        w = self.windows.get((bucket, period, window))
         if w is None:
-            w = self.windows[(bucket, window)] = [0, 0, 0]
-            if len(self.windows) > 4096:
-                self._sweep(window)
+            w = self.windows[(bucket, period, window)] = [0, 0, 0]
+            if len(self.windows) > self._sweep_at:
+                self._sweep()
         return w
 
-    def _sweep(self, window: int) -> None:
-        for k in [k for k in self.windows if k[1] < window - 1]:
+    def _sweep(self) -> None:
+        """Forget windows that ended more than one of their periods ago (the one before the current is
+        kept: its requests still in flight settle there)."""
+        now = self.clock()
+        for k in [k for k in self.windows if (k[2] + 2) * k[1] <= now]:
             del self.windows[k]
+        self._sweep_at = max(self.SWEEP_AT, 2 * len(self.windows))
 
     def decide(self, bucket: str, limit: TokenLimit) -> tuple[Ticket | None, float, list[int] | None]:
         """(ticket, 0, its window) when admitted, else (None, seconds to wait, None); marks nothing in
         flight: the caller adds 1 to the window's third field once the request is admitted."""
         now = self.clock()
         window = int(now // limit.period)
-        w = self._w(bucket, window)
+        w = self._w(bucket, limit.period, window)
         used, answered, in_flight = w
         average = used / answered if answered else self.last.get(bucket, 0)
         if used >= limit.amount:
@@ -144,12 +153,12 @@ class MemoryTokenLimiter:
         self.settle_now(ticket, tokens)
 
     def settle_now(self, ticket: Ticket, tokens: int) -> None:
-        w = self.windows.get((ticket.bucket, ticket.window))
+        w = self.windows.get((ticket.bucket, ticket.period, ticket.window))
         if w is not None and w[2] > 0:
             w[2] -= 1
         if tokens > 0:
             now = self.clock()
-            cur = self._w(ticket.bucket, int(now // ticket.period))
+            cur = self._w(ticket.bucket, ticket.period, int(now // ticket.period))
             cur[0] += tokens
             cur[1] += 1
             self.last[ticket.bucket] = tokens

@@ -344,10 +344,28 @@ async def test_gates_in_order_and_a_refusal_takes_only_its_rate_hit(where, serve
         assert 58 <= retry <= 60
         assert adm.in_flight() == 0
         if where == "redis":  # `limits`' own moving-window layout: a list of the hit times, newest first
-            [key] = r.keys("LIMITS:LIMITER/b3/3/1/minute")
+            [key] = r.keys("LIMITS:LIMITER/b3")
             hits = [float(x) for x in r.lrange(key, 0, -1)]
             assert len(hits) == 3 and hits == sorted(hits, reverse=True) and 0 < r.ttl(key) <= 60
             assert abs(hits[0] - time.time()) < 5
+    finally:
+        await adm.close()
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+async def test_a_lowered_rate_limit_counts_the_hits_the_key_already_made(where, server):
+    """An operator lowers an abusive key's limit (`keys update --rate-limit`): it must not get a fresh
+    allowance on top of what it already used in the window."""
+    adm = MemoryAdmission("1000/minute", 100) if where == "memory" else ra.RedisAdmission(server.url, "1000/minute", 100)
+    await adm.start()
+    try:
+        for _ in range(20):
+            adm.finish(await adm.admit(Identity("k", "er-k", bucket="b20", rate_limit="20/minute")))
+        lowered = Identity("k", "er-k", bucket="b20", rate_limit="5/minute")
+        with pytest.raises(ApiError) as e:
+            await adm.admit(lowered)
+        assert e.value.code == "rate_limit_exceeded" and "5 per 1 minute" in e.value.message
+        assert 55 <= int(dict(e.value.headers)[b"retry-after"]) <= 60
     finally:
         await adm.close()
 

@@ -112,6 +112,24 @@ async def test_the_window_admits_while_budget_is_left_counting_requests_in_fligh
     await asyncio.sleep(0)
 
 
+async def test_a_day_budget_used_up_stays_used_up_however_many_minute_windows_other_keys_open():
+    now = [86400.0 * 20000 + 3600]
+    limiter = MemoryTokenLimiter(clock=lambda: now[0])
+    gate = TokenGate(TokenLimits("100000/minute"), limiter)
+    daily = Identity("d", "er-d", bucket="day", token_limit="1000/day")
+    gate.settle(await gate.admit(daily), 1000)          # the day's budget, used up
+    for i in range(2 * MemoryTokenLimiter.SWEEP_AT):    # other keys, each opening its minute window
+        now[0] += 1
+        gate.settle(await gate.admit(Identity(f"m{i}", f"er-m{i}", bucket=f"m{i}")), 5)
+    with pytest.raises(Exception) as refused:
+        await gate.admit(daily)                         # the same day: still refused
+    assert refused.value.code == "token_limit_exceeded"
+    # ended minute windows were forgotten; what is left is the last two minutes' and the day's
+    assert len(limiter.windows) < MemoryTokenLimiter.SWEEP_AT
+    now[0] = 86400.0 * 20001                            # the next day
+    assert await gate.admit(daily) is not None
+
+
 class SlowStore(FailingStore):
     """A store whose write takes a while, like a Redis pipeline over the network."""
 
