@@ -6,13 +6,16 @@ answer was sent) adds one request, its items (inputs or documents), the prompt t
 hits and, for a 4xx or 5xx, one error of that class. Recording is a dict update in this process:
 a background task flushes the sums every FLUSH_EVERY_S (and at shutdown) to the store, so the
 client never waits on a disk or Redis, and a store that fails costs a log line and a metric, never
-the answer (the batch is kept and retried at the next flush).
+the answer (the batch is kept and retried at the next flush, under its own id: a write whose outcome
+is unknown, such as a Redis reply that timed out after Redis had applied it, is never counted twice).
 
 Stores:
 - `SqliteUsageStore`: `er_usage.db` beside the key file, WAL mode, one upsert per row in one
   transaction per flush (in a thread); several workers of one instance add to the same rows.
 - `RedisUsageStore` (REDIS_URL): one hash per day and key (`erproxy:usage:DAY:KEY`, fields
-  `COUNTER:MODEL`), HINCRBY in one pipeline per flush: every worker and instance adds atomically.
+  `COUNTER:MODEL`), HINCRBY in one script per flush: every worker and instance adds atomically, and
+  the script first marks its batch id (`erproxy:usage:batch:ID`, kept a day), so a retried batch
+  that Redis had already applied adds nothing.
 
 A graceful stop (SIGTERM) flushes what was answered; a crash loses at most the last FLUSH_EVERY_S.
 """
@@ -25,6 +28,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
@@ -114,7 +118,9 @@ def by_key_and_model(rows: Iterable[UsageRow]) -> list[UsageRow]:
 
 
 class UsageStore(Protocol):
-    async def add(self, batch: dict[Slot, list[int]]) -> None: ...
+    async def add(self, batch: dict[Slot, list[int]], batch_id: str) -> None:
+        """Add the batch's counters, at most once per `batch_id` (a retry after an unknown outcome reuses it)."""
+        ...
     async def query(self, key: str | None = None, since: str | None = None, until: str | None = None,
                     model: str | None = None) -> list[UsageRow]: ...
     async def close(self) -> None: ...
@@ -181,7 +187,8 @@ class SqliteUsageStore:
             rows = self._conn().execute(sql + " ORDER BY key, model, day", args).fetchall()
         return [UsageRow(*r) for r in rows]
 
-    async def add(self, batch: dict[Slot, list[int]]) -> None:
+    async def add(self, batch: dict[Slot, list[int]], batch_id: str = "") -> None:
+        # one transaction: a failure rolls back the whole batch, so its retry cannot count anything twice
         await asyncio.to_thread(self.add_sync, batch)
 
     async def query(self, key: str | None = None, since: str | None = None, until: str | None = None,
@@ -200,29 +207,49 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+# KEYS: [1] the batch's mark, [2] the set of days; then per row its hash and its day's set of keys.
+# ARGV: [1] the mark's lifetime (s); then per row: its number of fields, key name, day, then field, value
+# pairs. Nothing is added when the mark exists: that batch was applied before (its reply was lost).
+ADD_BATCH = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local a = 2
+for k = 3, #KEYS, 2 do
+  local n, name, day = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+  a = a + 3
+  redis.call('SADD', KEYS[k + 1], name)
+  redis.call('SADD', KEYS[2], day)
+  for _ = 1, n do
+    redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+end
+return 1
+"""
+BATCH_MARK_TTL_S = 86400  # a batch is retried within seconds; a day is far beyond any outage it survives
+
+
 class RedisUsageStore:
     """One hash per day and key, `erproxy:usage:DAY:KEY` with fields `COUNTER:MODEL`; sets index the
     days (`erproxy:usage:days`) and each day's keys (`erproxy:usage:DAY:keys`)."""
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
+        self._add = redis.register_script(ADD_BATCH)
 
     @staticmethod
     def _hash(day: str, key: str) -> str:
         return f"{REDIS_PREFIX}:{day}:{key}"
 
-    async def add(self, batch: dict[Slot, list[int]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        days: set[str] = set()
+    async def add(self, batch: dict[Slot, list[int]], batch_id: str) -> None:
+        keys: list[str] = [f"{REDIS_PREFIX}:batch:{batch_id}", f"{REDIS_PREFIX}:days"]
+        args: list[Any] = [BATCH_MARK_TTL_S]
         for (key, model, day), values in batch.items():
-            days.add(day)
-            pipe.sadd(f"{REDIS_PREFIX}:{day}:keys", key)
-            for name, v in zip(COUNTERS, values):
-                if v:
-                    pipe.hincrby(self._hash(day, key), f"{name}:{model}", v)
-        if days:
-            pipe.sadd(f"{REDIS_PREFIX}:days", *days)
-        await pipe.execute()
+            fields = [(f"{name}:{model}", v) for name, v in zip(COUNTERS, values) if v]
+            keys += [self._hash(day, key), f"{REDIS_PREFIX}:{day}:keys"]
+            args += [len(fields), key, day]
+            for f, v in fields:
+                args += [f, v]
+        await self._add(keys=keys, args=args)
 
     async def query(self, key: str | None = None, since: str | None = None, until: str | None = None,
                     model: str | None = None) -> list[UsageRow]:
@@ -266,6 +293,9 @@ class Usage:
         self.store = store
         self.flush_every = flush_every
         self.pending: dict[Slot, list[int]] = {}
+        # a batch whose write failed, with its id: sent again as it is before anything newer, since the
+        # store may have applied it (Redis timed out after running it); None when nothing is in doubt
+        self.unsent: tuple[str, dict[Slot, list[int]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         r = registry if registry is not None else CollectorRegistry()
@@ -305,21 +335,28 @@ class Usage:
     async def flush(self) -> bool:
         """Write what is pending; on failure keep it for the next flush. True when nothing is left."""
         async with self._flushing:
+            if self.unsent is not None:
+                if not await self._write(*self.unsent):
+                    return False  # the newer counts wait in `pending`, never merged into a batch in doubt
+                self.unsent = None
             if not self.pending:
                 return True
             batch, self.pending = self.pending, {}
-            try:
-                await self.store.add(batch)
-            except Exception as e:  # noqa: BLE001 - recording must never fail a request
-                self.failures.inc()
-                log.error("usage could not be recorded (%s: %s); %d rows kept for the next try",
-                          type(e).__name__, e, len(batch))
-                for slot, values in batch.items():
-                    mine = self.pending.setdefault(slot, [0] * len(COUNTERS))
-                    for i, v in enumerate(values):
-                        mine[i] += v
+            batch_id = uuid.uuid4().hex
+            if not await self._write(batch_id, batch):
+                self.unsent = (batch_id, batch)
                 return False
             return not self.pending
+
+    async def _write(self, batch_id: str, batch: dict[Slot, list[int]]) -> bool:
+        try:
+            await self.store.add(batch, batch_id)
+        except Exception as e:  # noqa: BLE001 - recording must never fail a request
+            self.failures.inc()
+            log.error("usage could not be recorded (%s: %s); %d rows kept for the next try",
+                      type(e).__name__, e, len(batch))
+            return False
+        return True
 
     async def _loop(self) -> None:
         while True:
@@ -340,8 +377,9 @@ class Usage:
                 break
             await asyncio.sleep(0.2)
         else:
-            rows = len(self.pending)
-            requests = sum(values[0] for values in self.pending.values())
+            left = [self.pending] + ([self.unsent[1]] if self.unsent is not None else [])
+            rows = sum(map(len, left))
+            requests = sum(values[0] for batch in left for values in batch.values())
             log.error("usage lost at shutdown: %d rows (%d requests) could not be recorded after 3 tries",
                       rows, requests)
         await self.store.close()

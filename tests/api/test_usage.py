@@ -212,7 +212,7 @@ async def test_keys_with_their_own_token_limit_and_without(make_gateway):
 
 
 class BrokenStore:
-    async def add(self, batch):
+    async def add(self, batch, batch_id=""):
         raise OSError("disk I/O error")
 
     async def query(self, *args):
@@ -232,7 +232,8 @@ async def test_a_broken_store_never_fails_an_answer(make_gateway):
     assert r.status_code == 503 and r.json()["error"]["code"] == "usage_unavailable"
     metrics = (await gw.get("/metrics")).text
     assert "erproxy_usage_record_failures_total 1.0" in metrics
-    assert sum(v[0] for v in usage.pending.values()) == 4  # 3 POSTs and the 503: kept for when the store works
+    kept = [usage.pending] + ([usage.unsent[1]] if usage.unsent else [])
+    assert sum(v[0] for batch in kept for v in batch.values()) == 4  # 3 POSTs and the 503: kept for when the store works
 
 
 async def test_a_graceful_stop_writes_the_access_lines_still_waiting_for_their_flush(

@@ -20,7 +20,7 @@ class FailingStore:
         self.fail = True
         self.batches: list[dict] = []
 
-    async def add(self, batch):
+    async def add(self, batch, batch_id=""):
         if self.fail:
             raise OSError("disk full")
         self.batches.append(batch)
@@ -43,7 +43,9 @@ async def test_a_failing_store_costs_a_metric_and_keeps_the_counts():
     usage.record("k", "m", 404, 1, 0, 0, ts=0)
     store.fail = False
     assert await usage.flush() is True
-    assert store.batches == [{("k", "m", "1970-01-01"): [3, 5, 30, 1, 1, 1]}]
+    # the failed batch goes again as it was (the store may have applied it: its id makes that once),
+    # then what was answered meanwhile
+    assert store.batches == [{("k", "m", "1970-01-01"): [2, 4, 30, 1, 0, 1]}, {("k", "m", "1970-01-01"): [1, 1, 0, 0, 1, 0]}]
     assert registry.get_sample_value("erproxy_key_tokens_total", {"key": "k", "model": "m"}) == 30
 
 
@@ -138,7 +140,7 @@ class SlowStore(FailingStore):
         self.fail = False
         self.writing = asyncio.Event()
 
-    async def add(self, batch):
+    async def add(self, batch, batch_id=""):
         self.writing.set()
         await asyncio.sleep(0.2)
         self.batches.append(batch)
@@ -154,3 +156,46 @@ async def test_a_stop_during_a_background_write_loses_no_count_and_writes_none_t
     usage.record("k", "m", 200, 1, 10, 0, ts=0)  # one more, left for the stop's own flush
     await usage.close()
     assert sum(b[("k", "m", "1970-01-01")][0] for b in store.batches) == 9
+
+
+class AppliedThenTimedOut:
+    """Redis ran the write, but its reply did not come back in time (a stall, a dropped connection): the
+    gateway cannot tell it from a write that never arrived."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.lose_replies = 1
+
+    async def add(self, batch, batch_id):
+        await self.store.add(batch, batch_id)
+        if self.lose_replies:
+            self.lose_replies -= 1
+            raise TimeoutError("Timeout reading from 127.0.0.1")
+
+    async def query(self, *args):
+        return await self.store.query(*args)
+
+    async def close(self):
+        return None
+
+
+async def test_a_batch_whose_reply_was_lost_is_counted_once_in_redis(tmp_path: Path):
+    from redis import asyncio as aioredis
+
+    from erproxy.usage import RedisUsageStore
+    from tests.procs import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        usage = Usage(AppliedThenTimedOut(RedisUsageStore(client)))
+        for _ in range(3):
+            usage.record("alpha", "minilm", 200, 2, 10, 0, ts=86400.0 * 20000)
+        assert await usage.flush() is False               # applied, but the gateway does not know it
+        usage.record("alpha", "minilm", 200, 2, 10, 0, ts=86400.0 * 20000)
+        assert await usage.flush() is True                # the same batch again, then the newer one
+        [row] = await usage.query("alpha")
+        assert (row.requests, row.items, row.prompt_tokens) == (4, 8, 40)
+    finally:
+        await client.aclose()
+        server.stop()
