@@ -50,7 +50,8 @@ log = logging.getLogger("erproxy.app")
 
 KEY_RELOAD_INTERVAL_S = 0.5
 CLOSING_STATUSES = frozenset({408, 413})  # answers that end the connection (errors.CLOSE)
-AUTH_CODES = frozenset({"invalid_api_key", "missing_api_key", "invalid_metrics_token", "too_many_auth_failures"})
+AUTH_CODES = frozenset({"invalid_api_key", "missing_api_key", "invalid_metrics_token", "missing_metrics_token",
+                        "too_many_auth_failures"})
 
 
 class Services:

@@ -81,7 +81,7 @@ COUNTED = frozenset({"invalid", "metrics_token"})  # guesses; not missing, revok
 
 def failure_reason(e: ApiError) -> str:
     """The `reason` label of a 401: missing, invalid, revoked, expired or metrics_token (never the key)."""
-    if e.code == "missing_api_key":
+    if e.code in ("missing_api_key", "missing_metrics_token"):
         return "missing"
     if e.code == "invalid_metrics_token":
         return "metrics_token"

@@ -188,7 +188,10 @@ class Handlers:
     async def metrics_route(self, req: Request) -> Response:
         token = self.metrics_token
         if token:
-            given = presented_key(req) or ""
+            given = presented_key(req)
+            if not given:  # a scraper not given the token yet: not a guess (auth_throttle)
+                raise unauthorized("GET /metrics needs METRICS_TOKEN as 'Authorization: Bearer <token>'.",
+                                   code="missing_metrics_token")
             if not hmac.compare_digest(given.encode(), token.encode()):
                 raise unauthorized("GET /metrics needs METRICS_TOKEN as 'Authorization: Bearer <token>'.",
                                    code="invalid_metrics_token")

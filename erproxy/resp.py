@@ -114,10 +114,10 @@ class RespClient:
         self.password: str | None = opts.get("password")
         self.ssl: ssl.SSLContext | None = None
         if opts.get("connection_class") is SSLConnection:
-            self.ssl = ssl.create_default_context(cafile=opts.get("ssl_ca_certs"))
-            if str(opts.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
-                self.ssl.check_hostname = False
-                self.ssl.verify_mode = ssl.CERT_NONE
+            # built by redis-py itself from the URL's ssl_* options (client certificate, CA file or folder,
+            # ssl_cert_reqs, ssl_check_hostname...), so this client and the gateway's redis-py clients
+            # (usage, cache, revocations) connect, verify and present certificates alike
+            self.ssl = SSLConnection(**{k: v for k, v in opts.items() if k.startswith("ssl_")}).ssl_context.get()
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.scripts: list[Script] = []  # loaded on every new connection before anything else
@@ -281,13 +281,16 @@ class RespClient:
                 self._ready = True
                 self._flush()
         except asyncio.CancelledError:
+            self._connecting = None  # before the callbacks run: a command they queue starts a new attempt
             self._fail(RespConnectionError("connecting to Redis was cancelled"), proto)
             raise
         except BaseException as e:  # noqa: BLE001 - refused, timed out, TLS, AUTH...
             what = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+            self._connecting = None
             self._fail(RespConnectionError(f"cannot connect to Redis ({what})"), proto)
         finally:
-            self._connecting = None
+            if self._connecting is asyncio.current_task():
+                self._connecting = None
 
     def _watch(self) -> None:
         self._watchdog = None

@@ -81,6 +81,15 @@ def parse_day(text: str | None, name: str) -> str | None:
     return text
 
 
+def parse_days(since: str | None, until: str | None, names: tuple[str, str] = ("since", "until")) -> tuple[str | None, str | None]:
+    """The days of a range (either may be None); ValueError naming the bad one, or both when `since` is
+    after `until` (the swapped range would read as "no usage")."""
+    first, last = parse_day(since, names[0]), parse_day(until, names[1])
+    if first and last and first > last:
+        raise ValueError(f"{names[0]} {first} is after {names[1]} {last}")
+    return first, last
+
+
 @dataclass
 class UsageRow:
     key: str
@@ -474,10 +483,9 @@ class UsageRoute:
         assert req.who is not None
         q = parse_qs(req.scope.get("query_string", b"").decode("latin-1"))
         try:
-            since = parse_day((q.get("since") or [None])[-1], "since")
-            until = parse_day((q.get("until") or [None])[-1], "until")
+            since, until = parse_days((q.get("since") or [None])[-1], (q.get("until") or [None])[-1])
         except ValueError as e:
-            raise bad_request(str(e), param="since" if "since" in str(e) else "until") from None
+            raise bad_request(str(e), param="since" if str(e).startswith("since") else "until") from None
         model = (q.get("model") or [None])[-1] or None
         await self.usage.flush()  # the caller's last requests count too
         try:

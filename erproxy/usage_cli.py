@@ -12,7 +12,7 @@ import orjson
 from .audit import audit
 from .settings import Settings, validate_rate_limit
 from .token_limits import parse_token_limit, update_key
-from .usage import COUNTERS, UsageRow, as_json_rows, by_key_and_model, parse_day, read_usage, utc_day
+from .usage import COUNTERS, UsageRow, as_json_rows, by_key_and_model, parse_days, read_usage, utc_day
 
 
 def add_commands(ksub: Any) -> None:
@@ -57,8 +57,7 @@ def table(rows: list[tuple[str, ...]]) -> str:
 
 
 def keys_usage(args: argparse.Namespace, settings: Settings, path: Path) -> None:
-    since = parse_day(args.since, "--since")
-    until = parse_day(args.until, "--until")
+    since, until = parse_days(args.since, args.until, ("--since", "--until"))
     try:
         rows = by_key_and_model(read_usage(settings, args.name, since, until, args.model))
     except Exception as e:  # noqa: BLE001 - Redis unreachable, a damaged database: a message, no traceback

@@ -63,6 +63,19 @@ async def test_metrics_token(make_gateway):
                                                      headers={"Authorization": "Bearer scrape-secret"})).text
 
 
+async def test_scrapes_without_the_metrics_token_do_not_lock_out_the_address(make_gateway):
+    """A Prometheus not yet given METRICS_TOKEN scrapes every few seconds: that is not someone guessing."""
+    gw = await make_gateway(METRICS_TOKEN="scrape-secret", AUTH_FAILURE_LIMIT="3")
+    for _ in range(6):
+        r = await gw.get("/metrics")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_metrics_token"
+    assert (await gw.post("/v1/embeddings", json={"input": "x"}, headers=gw.auth())).status_code == 200
+    for _ in range(3):  # wrong tokens are guesses
+        assert (await gw.get("/metrics", headers={"Authorization": "Bearer wrong"})).status_code == 401
+    r = await gw.post("/v1/embeddings", json={"input": "x"}, headers=gw.auth())
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_auth_failures"
+
+
 async def test_live_metrics_match_what_the_grafana_dashboard_uses(make_gateway):
     gw = await make_gateway(CACHE_MAX_BYTES="1MiB")  # the item cache on, so its lookups are counted
     await traffic(gw)

@@ -124,6 +124,8 @@ async def test_usage_needs_a_key_and_checks_its_days(make_gateway):
     assert (await gw.get("/v1/usage")).status_code == 401
     r = await gw.get("/v1/usage", headers=gw.auth(), params={"since": "yesterday"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "since"
+    swapped = await gw.get("/v1/usage", headers=gw.auth(), params={"since": "2026-12-01", "until": "2026-11-01"})
+    assert swapped.status_code == 400 and "since 2026-12-01 is after until 2026-11-01" in swapped.json()["error"]["message"]
     assert (await gw.post("/v1/embeddings", json={"input": "x"}, headers=gw.auth())).status_code == 200
     assert (await usage_of(gw, gw.key, since="2999-01-01"))["data"] == []
     assert (await usage_of(gw, gw.key, until="2000-01-01"))["data"] == []

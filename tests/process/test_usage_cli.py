@@ -48,6 +48,8 @@ def test_keys_usage_and_v1_usage_agree(make_gateway):
     assert "team-a" in table and "team-b" in table and "-  " not in table.split("\n", 2)[-1]
     assert "no usage recorded" in keys_cmd(gw.env, "usage", "--until", "2000-01-01").stdout
     assert keys_cmd(gw.env, "usage", "--since", "last week").returncode == 1
+    swapped = keys_cmd(gw.env, "usage", "--since", "2026-12-01", "--until", "2026-11-01")
+    assert swapped.returncode == 1 and "--since 2026-12-01 is after --until 2026-11-01" in swapped.stderr
 
     listing = keys_cmd(gw.env, "list").stdout
     assert "TOKEN LIMIT" in listing and "TODAY (UTC)" in listing and f"{tokens_a:,} tok" in listing

@@ -127,3 +127,84 @@ async def test_a_closed_client_refuses_at_once(server):
     await client.close()
     with pytest.raises(RespConnectionError):
         await client.call(b"PING")
+
+
+def _ca_signed(tmp, name: str, ca: tuple | None = None) -> tuple:
+    """A key and certificate for 127.0.0.1, signed by `ca` (its cert and key), else self-signed (a CA)."""
+    key, cert = tmp / f"{name}.key", tmp / f"{name}.crt"
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)  # noqa: E731
+    if ca is None:
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+            "-keyout", str(key), "-out", str(cert))
+    else:
+        csr = tmp / f"{name}.csr"
+        ext = tmp / f"{name}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr))
+        run("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+            "-days", "1", "-extfile", str(ext), "-out", str(cert))
+    return cert, key
+
+
+async def test_rediss_urls_verify_and_present_certificates_as_redis_py_does(tmp_path):
+    ca = _ca_signed(tmp_path, "ca")
+    srv = _ca_signed(tmp_path, "server", ca)
+    cli = _ca_signed(tmp_path, "client", ca)
+    other_ca = _ca_signed(tmp_path, "other-ca")
+    port = free_port()
+    p = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                          "--save", "", "--dir", str(tmp_path), "--tls-cert-file", str(srv[0]),
+                          "--tls-key-file", str(srv[1]), "--tls-ca-cert-file", str(ca[0]),
+                          "--tls-auth-clients", "yes"], stdout=subprocess.DEVNULL)
+    base = f"rediss://127.0.0.1:{port}/0"
+    mtls = f"{base}?ssl_ca_certs={ca[0]}&ssl_certfile={cli[0]}&ssl_keyfile={cli[1]}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert redis.Redis.from_url(mtls).ping()  # what the gateway's redis-py clients do with the URL
+        good = RespClient(mtls)
+        assert await good.call(b"PING") == b"PONG"  # the client certificate is presented
+        await good.close()
+        # `optional` still verifies the server, as with redis-py: a server certificate from a CA the URL does
+        # not trust is refused, and the password never goes over that connection
+        untrusted = RespClient(f"{base}?ssl_ca_certs={other_ca[0]}&ssl_certfile={cli[0]}&ssl_keyfile={cli[1]}"
+                               "&ssl_cert_reqs=optional")
+        with pytest.raises(RespConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.call(b"PING")
+        await untrusted.close()
+    finally:
+        p.kill()
+        p.wait()
+
+
+async def test_a_command_queued_by_a_failure_callback_starts_a_new_attempt_and_is_answered(tmp_path):
+    port = free_port()  # nothing listens there yet
+    client = RespClient(f"redis://127.0.0.1:{port}/0", timeout=1.0, connect_timeout=0.5)
+    retries: list[asyncio.Future] = []
+
+    def on_reply(reply):
+        if isinstance(reply, BaseException) and not retries:
+            retries.append(client.call(b"PING"))  # a caller that tries once more when its command fails
+
+    client.send(b"SET", "a", "1", on_reply=on_reply)
+    while not retries:
+        await asyncio.sleep(0.01)
+    p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                          "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        # the retry is either answered (Redis came up in time) or fails: it never waits forever
+        try:
+            reply = await asyncio.wait_for(retries[0], 5)
+            assert reply == b"PONG"
+        except RespConnectionError:
+            pass
+    finally:
+        await client.close()
+        p.kill()
+        p.wait()
