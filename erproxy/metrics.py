@@ -221,10 +221,39 @@ class Metrics:
         if MULTIPROC:
             from prometheus_client import multiprocess
 
+            forget_dead_workers(os.environ["PROMETHEUS_MULTIPROC_DIR"])
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _is_sibling(pid: int) -> bool:
+    """`pid` is this worker or another worker of the same gateway (alive, with the same parent)."""
+    if pid == os.getpid():
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return int(stat.rsplit(b")", 1)[1].split()[1]) == os.getppid()  # the field after the state: the parent
+
+
+def forget_dead_workers(directory: str) -> None:
+    """Drop the live gauges (in flight, replica health) of workers that died without a clean stop (SIGKILL,
+    the OOM killer): `worker_exiting` never ran for them, and their last values would be summed (in flight)
+    or maxed (an upstream's health: a down replica shown as up) into every scrape until a restart."""
+    from prometheus_client import multiprocess
+
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    pids = {name[:-3].rsplit("_", 1)[1] for name in names if name.startswith("gauge_live") and name.endswith(".db")}
+    for pid in pids:
+        if pid.isdigit() and not _is_sibling(int(pid)):
+            multiprocess.mark_process_dead(int(pid), directory)
 
 
 def prompt_tokens(body: bytes) -> int | None:

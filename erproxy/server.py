@@ -124,6 +124,9 @@ def run_granian(settings: Settings) -> None:
         interface=Interfaces.ASGI, workers=settings.workers, loop=Loops.uvloop,
         http=HTTPModes.auto,  # HTTP/1.1 and HTTP/2 (prior knowledge in clear, ALPN over TLS)
         websockets=False, backlog=2048,
+        # a worker that dies (the OOM killer, a crash) is started again, as uvicorn does; Granian's default
+        # stops the whole server instead
+        respawn_failed_workers=True,
         http1_settings=HTTP1Settings(header_read_timeout=max(1000, round(settings.keep_alive * 1000))),
         # HTTP/2 has no idle timeout in Granian: a ping every KEEP_ALIVE seconds closes the connection of a
         # client that no longer answers (gone without a FIN); live idle h2 connections stay open
