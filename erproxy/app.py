@@ -24,6 +24,7 @@ from .asgi import (
     Response,
     Scope,
     Send,
+    body_unread,
     error_response,
     finish_closing,
     read_body,
@@ -34,7 +35,7 @@ from .accounting import Accounting, make_accounting
 from .auth import authenticate
 from .cache import ItemCache
 from .auth_throttle import COUNTED, AuthThrottle, failure_reason, make_auth_throttle, too_many_failures
-from .errors import ApiError, unexpected
+from .errors import CLOSE, ApiError, shutting_down, unexpected
 from .docs import with_docs
 from .handlers import Handlers, route_table
 from .keys import KeyStore
@@ -180,9 +181,32 @@ class Gateway:
         except ClientGone:
             self.record(req, 499)
             return
+        except asyncio.CancelledError:
+            # Only the server cancels a request: SHUTDOWN_GRACE ran out (uvicorn's graceful timeout,
+            # server.py under Granian). The client gets the error in the OpenAI shape, not the server's
+            # plain-text 500, and the request is recorded (usage, access log) like any other.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            response = error_response(shutting_down())
+            try:
+                await send(response_start(req, response))
+                await send({"type": "http.response.body", "body": response.body})
+            except Exception:  # noqa: BLE001 - the connection may be gone already
+                pass
+            self.record(req, 503)
+            return
         except Exception:  # noqa: BLE001 - never leak a traceback to the client
             log.exception("unhandled error on %s %s", req.method, req.path)
             response = error_response(unexpected())
+        if body_unread(req):
+            # answered before its body was read (401, 404, 405...): end the connection after a bounded
+            # drain, as for 413, instead of letting the server read the rest of an upload of any size
+            response.headers.append(CLOSE)
+            await start_closing(req, response, send)
+            self.record(req, response.status, note)
+            await finish_closing(req, send)
+            return
         await send(response_start(req, response))
         await send({"type": "http.response.body", "body": response.body})
         self.record(req, response.status, note)

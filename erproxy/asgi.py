@@ -122,13 +122,23 @@ LINGER_S = 0.5
 LINGER_BYTES = 4 * 1024 * 1024
 
 
+def body_unread(req: Request) -> bool:
+    """The request has a body the gateway has not read (answered before it: 401, 404, 405, a GET with a
+    body): left to the server, it would be read and dropped to its end, with no size or time bound."""
+    if req.body_complete:
+        return False
+    for name, value in req.scope["headers"]:
+        if (name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding":
+            return True
+    return False
+
+
 async def start_closing(req: Request, response: Response, send: Send) -> None:
     """Send all of `response` (its headers say `Connection: close`) but leave the exchange open.
 
     The body goes out with its Content-Length, so the client has the whole answer at once;
     `finish_closing` then ends the connection.
     """
-    response.headers.append((b"content-length", str(len(response.body)).encode()))
     await send(response_start(req, response))
     await send({"type": "http.response.body", "body": response.body, "more_body": True})
 
@@ -153,8 +163,10 @@ async def finish_closing(req: Request, send: Send) -> None:
 
 
 def response_start(req: Request, response: Response) -> dict[str, Any]:
-    """The response's start message, with a Server-Timing header: the gateway's time, the upstream's."""
+    """The response's start message, with its Content-Length (the body is whole: no chunked framing, which
+    an HTTP/1.0 client cannot read) and a Server-Timing header: the gateway's time, the upstream's."""
     total = time.perf_counter() - req.start
+    response.headers.append((b"content-length", str(len(response.body)).encode()))
     response.headers.append((b"server-timing", (
         f"gateway;dur={(total - req.upstream_s) * 1000:.3f}, upstream;dur={req.upstream_s * 1000:.3f}").encode()))
     return {"type": "http.response.start", "status": response.status, "headers": response.headers}

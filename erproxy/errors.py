@@ -152,6 +152,13 @@ def token_ids_not_accepted() -> ApiError:
         code="token_ids_not_accepted", param="input")
 
 
+def shutting_down() -> ApiError:
+    return ApiError(503, "The gateway is shutting down and SHUTDOWN_GRACE ran out before this request was "
+                    "answered; send it again (to another instance, or once the gateway is back).",
+                    type="service_unavailable_error", code="shutting_down",
+                    headers=[(b"retry-after", b"1"), CLOSE])
+
+
 def unexpected() -> ApiError:
     return internal_error("Internal gateway error; see the gateway log.")
 

@@ -44,8 +44,8 @@ KEYED_ROUTE = {
     429: "Per-key `RATE_LIMIT` (`rate_limit_exceeded`), the key's `TOKEN_LIMIT` (`token_limit_exceeded`, POST routes), "
          "`MAX_CONCURRENT_REQUESTS` (`concurrency_limit_exceeded`) "
          "or too many failed keys from one address: wait `Retry-After` seconds.",
-    503: "No reachable vLLM replica for the model (`upstream_unavailable`), or the shared limits' Redis is "
-         "unreachable (`limits_unavailable`).",
+    503: "No reachable vLLM replica for the model (`upstream_unavailable`), the shared limits' Redis is "
+         "unreachable (`limits_unavailable`), or the gateway stopped before answering (`shutting_down`).",
 }
 BODY_ROUTE = {
     400: "The request is malformed: the message says what to change and `param` names the field (`input[0]`, "

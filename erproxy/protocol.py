@@ -19,6 +19,14 @@ from .schemas import RerankRequest as RerankModel
 from .schemas import request_error
 
 
+# orjson reads JSON nested up to 1,024 levels but writes at most 254, and the gateway writes a client's
+# fields again inside its own (to vLLM, into a cache key): a body nested in between would be accepted and
+# then fail there (500). Bodies are refused beyond MAX_NESTING levels; one with fewer brackets than that
+# cannot nest that deep, so only the others are checked.
+MAX_NESTING = 200
+_ORJSON_MAX_DEPTH = 254
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body:
         raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
@@ -31,6 +39,15 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise bad_request(f"The request body is not valid JSON: {e}.", code="invalid_json") from None
     if not isinstance(doc, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    if body.count(b"[") + body.count(b"{") > MAX_NESTING:  # (C-speed counts) deep enough to check
+        wrapped: Any = doc
+        for _ in range(_ORJSON_MAX_DEPTH - MAX_NESTING):  # written at this depth, more than MAX_NESTING fails
+            wrapped = [wrapped]
+        try:
+            orjson.dumps(wrapped)
+        except orjson.JSONEncodeError:
+            raise bad_request(f"The request body nests arrays or objects more than {MAX_NESTING} levels deep.",
+                              code="invalid_json") from None
     return doc
 
 

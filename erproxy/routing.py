@@ -57,6 +57,8 @@ class RouteTable:
             methods = (prefixes if r.prefix else self._paths).setdefault(r.path, {})
             for method in r.methods:
                 methods[method] = endpoint
+            if "GET" in r.methods:  # RFC 9110: HEAD wherever GET (the server sends the headers alone)
+                methods.setdefault("HEAD", endpoint)
         self._prefixes = sorted(prefixes.items(), key=lambda p: -len(p[0]))
 
     def _prefix(self, path: str) -> tuple[str, dict[str, Endpoint]] | None:
@@ -84,6 +86,8 @@ class RouteTable:
         """The metrics label of a request path: a known route, else "other" (no client-chosen series)."""
         if path in self._paths:
             return path
+        if path.endswith("/") and path.rstrip("/") in self._paths:  # served as the route (match)
+            return path.rstrip("/")
         found = self._prefix(path) if self._prefixes else None
         return found[0] if found else "other"
 

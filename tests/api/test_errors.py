@@ -1,5 +1,8 @@
 """Requests the gateway refuses or vLLM refuses: the status and the OpenAI-shaped error a client gets."""
 
+import orjson
+import pytest
+
 from tests.fakes.fake_vllm import load_fixtures
 
 FX = load_fixtures()
@@ -40,3 +43,21 @@ async def test_invalid_json_is_400(gateway):
     r = await gateway.post("/v1/embeddings", headers={**gateway.auth(), "content-type": "application/json"},
                            content=b"{nope")
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("path, doc", [
+    ("/v1/embeddings", {"input": "x"}),
+    ("/v1/embeddings", {"model": "minilm", "input": "x"}),
+    ("/v1/rerank", {"query": "q", "documents": ["a"]}),
+])
+@pytest.mark.parametrize("depth", [253, 1000])
+async def test_json_nested_deeper_than_the_gateway_writes_is_a_400_not_a_500(gateway, path, doc, depth):
+    """orjson reads 1,024 levels but writes 254: an unknown field nested in between was accepted and then
+    failed where the gateway writes the body again (to vLLM, into a cache key)."""
+    body = orjson.dumps(doc)[:-1] + b', "extra": ' + b"[" * depth + b"]" * depth + b"}"
+    r = await gateway.post(path, headers={**gateway.auth(), "content-type": "application/json"}, content=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_json" and "levels deep" in r.json()["error"]["message"]
+    shallow = orjson.dumps({**doc, "extra": [[["fine"]]]})
+    assert (await gateway.post(path, headers={**gateway.auth(), "content-type": "application/json"},
+                               content=shallow)).status_code == 200

@@ -97,3 +97,25 @@ def test_sigterm_while_clients_keep_connecting_stops_at_once_not_after_the_grace
             t.join(10)
         for c in opened:
             c.close()
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_a_request_cut_off_by_shutdown_grace_gets_a_503_in_the_openai_shape_and_is_recorded(
+        own_fakes, make_gateway, server):
+    embed, rerank = own_fakes
+    gw = make_gateway(embed=embed.url, rerank=rerank.url, TIMEOUT="120", SHUTDOWN_GRACE="1", SERVER=server)
+    set_fake_mode(embed, "normal", delay=60)  # outlasts the grace
+    answer: dict[str, httpx.Response] = {}
+    caller = threading.Thread(target=lambda: answer.update(r=post_embed(gw)))
+    caller.start()
+    time.sleep(0.5)
+    gw.proc.popen.send_signal(signal.SIGTERM)
+    gw.proc.popen.wait(20)
+    caller.join(20)
+    r = answer["r"]
+    assert r.status_code == 503, r.text  # not the server's own plain-text 500
+    assert r.json()["error"]["code"] == "shutting_down" and r.headers["retry-after"] == "1"
+    access = [line for line in gw.log_file().read_text().splitlines() if "erproxy.access" in line]
+    assert any("status=503" in line for line in access), access
+    out = gw.proc.output()
+    assert "Exception in ASGI application" not in out and "Traceback" not in out

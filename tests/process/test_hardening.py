@@ -146,6 +146,47 @@ def test_413_closes_the_connection_within_a_second_of_a_50_mib_upload(make_gatew
     assert r["sent"] < total  # the gateway stopped reading long before the 50 MiB
 
 
+@pytest.mark.parametrize("request_line, auth", [
+    pytest.param(b"POST /nope", False, id="404 unknown path"),
+    pytest.param(b"POST /v1/embeddings", False, id="401 no key"),
+    pytest.param(b"POST /v1/models", True, id="405 wrong method"),
+    pytest.param(b"GET /health", False, id="200 public route with a body"),
+])
+def test_an_answer_sent_before_the_body_is_read_ends_the_connection_instead_of_reading_any_upload(
+        make_gateway, request_line, auth):
+    """Left to uvicorn, the rest of a declared 1 PB body was read and dropped at full speed, with no
+    MAX_BODY_BYTES and no BODY_TIMEOUT: gigabytes a second from one anonymous connection."""
+    gw = make_gateway()
+    total = 10**15
+    head = request_line + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % total
+    if auth:
+        head += b"Authorization: Bearer " + gw.key.encode() + b"\r\n"
+    r = upload(int(gw.env["PORT"]), head + b"\r\n", b"x" * 0x10000, seconds=4.0)
+    assert r["answer"].startswith(b"HTTP/1.1 "), r["answer"][:200]
+    assert b"\r\nconnection: close\r\n" in r["answer"].lower()
+    assert r["answered"] is not None and r["closed"] is not None
+    assert r["closed"] - r["answered"] < 1.0
+    assert r["sent"] < 256 * 2**20, f"{r['sent'] / 2**20:.0f} MiB read after the answer"
+
+
+def test_answers_have_a_content_length_and_head_is_served_where_get_is(make_gateway):
+    gw = make_gateway()
+    s = socket.create_connection(("127.0.0.1", int(gw.env["PORT"])))
+    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")  # an HTTP/1.0 client cannot read chunked framing
+    s.settimeout(10)
+    answer = b""
+    while chunk := s.recv(65536):
+        answer += chunk
+    s.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    headers = dict(line.split(b": ", 1) for line in head.lower().split(b"\r\n")[1:])
+    assert b"transfer-encoding" not in headers and int(headers[b"content-length"]) == len(body)
+    assert httpx.get(gw.url + "/health").json()["status"] == "ok"
+    head_answer = httpx.head(gw.url + "/health")  # monitors that probe with HEAD
+    assert head_answer.status_code == 200 and head_answer.content == b""
+    assert httpx.head(gw.url + "/v1/models", headers=gw.auth()).status_code == 200
+
+
 def test_408_closes_the_connection_and_a_late_byte_does_not_keep_it(make_gateway):
     gw = make_gateway(BODY_TIMEOUT="1", KEEP_ALIVE="60")
     s = socket.create_connection(("127.0.0.1", int(gw.env["PORT"])))

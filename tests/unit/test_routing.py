@@ -38,4 +38,13 @@ def test_wrong_method_is_a_405_with_allow():
 
 def test_metric_labels_only_name_known_routes():
     assert TABLE.label("/health") == "/health"
-    assert TABLE.label("/v1/embeddings/") == "other" and TABLE.label("/x\n") == "other"
+    assert TABLE.label("/x\n") == "other" and TABLE.label("/x/") == "other"
+    # served as the route (match strips a trailing slash), so counted as it
+    assert TABLE.label("/v1/embeddings/") == "/v1/embeddings" and TABLE.label("/health//") == "/health"
+
+
+def test_head_is_served_wherever_get_is():
+    assert TABLE.match("/health", "HEAD") is TABLE.match("/health", "GET")
+    with pytest.raises(ApiError) as e:
+        TABLE.match("/v1/embeddings", "HEAD")
+    assert e.value.status == 405 and dict(e.value.headers) == {b"allow": b"POST"}
