@@ -7,7 +7,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | md5sum | cut -c1-12)
 LOG_DIR ?= logs
-GATEWAY_PORT ?= $(or $(PORT),2048)
 
 .PHONY: help setup system-deps redis-deps vllm-setup test test-fast test-e2e run stop status clean
 
@@ -25,8 +24,10 @@ DROP_STALE_GATEWAY_PID = if [ -f $(LOG_DIR)/gateway.pid ]; then \
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
+# A venv left without pip (python3 -m venv failing at ensurepip where python3-venv is missing) is made again.
 $(STAMP): requirements.txt requirements-dev.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV) || \
+	  { echo "cannot create $(VENV): on Debian/Ubuntu, apt-get install python3-venv, then make again"; exit 1; }; }
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
@@ -55,8 +56,18 @@ test-fast: setup system-deps ## every test except the e2e suite on real vLLM
 test-e2e: setup vllm-setup ## only the e2e suite on real vLLM
 	$(PY) -m pytest -m e2e
 
+# The gateway's URL, key file and log file as it reads its settings (environment, then .env or ENV_FILE):
+# PORT=9000 in .env must be polled on 9000. Expanded when run's recipe starts, after setup installed .venv.
+GATEWAY_WHERE = $(shell $(PY) embedding_reranker_proxy.py where 2>/dev/null)
+where_value = $(patsubst $(1)=%,%,$(filter $(1)=%,$(GATEWAY_WHERE)))
+
 run: setup redis-deps ## start the models and the gateway, print the key and a curl to try
-	@./check_models_status.sh >/dev/null 2>&1 && echo "models already up (./check_models_status.sh)" || ./start_vllm_models.sh all
+	$(eval GATEWAY_URL := $(call where_value,GATEWAY_URL))
+	$(eval KEYS_FILE := $(call where_value,API_KEYS_FILE))
+	$(eval GATEWAY_LOG := $(call where_value,GATEWAY_LOG))
+	@[ -n "$(GATEWAY_URL)" ] || { $(PY) embedding_reranker_proxy.py where; exit 2; }
+	@# the models alone: a gateway that is down (crashed, killed) must not make it start models already up
+	@./check_models_status.sh --no-gateway >/dev/null 2>&1 && echo "models already up (./check_models_status.sh)" || ./start_vllm_models.sh all
 	@mkdir -p $(LOG_DIR)
 	@$(PY) embedding_reranker_proxy.py keys init
 	@$(GATEWAY_PID); \
@@ -65,16 +76,16 @@ run: setup redis-deps ## start the models and the gateway, print the key and a c
 	else \
 	  $(DROP_STALE_GATEWAY_PID); \
 	  setsid nohup $(PY) embedding_reranker_proxy.py >> $(LOG_DIR)/gateway.out 2>&1 < /dev/null & echo $$! > $(LOG_DIR)/gateway.pid; \
-	  for i in $$(seq 1 60); do curl -sf http://127.0.0.1:$(GATEWAY_PORT)/health >/dev/null && break; sleep 0.5; done; \
+	  for i in $$(seq 1 60); do curl -skf $(GATEWAY_URL)/health >/dev/null && break; sleep 0.5; done; \
 	fi
-	@curl -sf http://127.0.0.1:$(GATEWAY_PORT)/health >/dev/null || { echo "gateway did not become healthy; see $(LOG_DIR)/gateway.out"; tail -20 $(LOG_DIR)/gateway.out; exit 1; }
+	@curl -skf $(GATEWAY_URL)/health >/dev/null || { echo "gateway did not become healthy at $(GATEWAY_URL); see $(LOG_DIR)/gateway.out"; tail -20 $(LOG_DIR)/gateway.out; exit 1; }
 	@echo
-	@echo "Gateway: http://127.0.0.1:$(GATEWAY_PORT)  (logs: $(LOG_DIR)/embedding_reranker_proxy.log)"
-	@echo "Models:  $$(curl -s http://127.0.0.1:$(GATEWAY_PORT)/health | $(PY) -c 'import json,sys; d=json.load(sys.stdin); print(", ".join(sorted({m for k in d["upstreams"].values() for r in k["replicas"] for m in r["models"]})))')"
-	@if [ -f "$${API_KEYS_FILE:-er_api_keys.json}.new-key" ]; then echo "The first key is in $${API_KEYS_FILE:-er_api_keys.json}.new-key (no terminal to show it on): KEY=\$$(cat $${API_KEYS_FILE:-er_api_keys.json}.new-key), save it, delete the file."; fi
+	@echo "Gateway: $(GATEWAY_URL)  (logs: $(GATEWAY_LOG))"
+	@echo "Models:  $$(curl -sk $(GATEWAY_URL)/health | $(PY) -c 'import json,sys; d=json.load(sys.stdin); print(", ".join(sorted({m for k in d["upstreams"].values() for r in k["replicas"] for m in r["models"]})))')"
+	@if [ -f "$(KEYS_FILE).new-key" ]; then echo "The first key is in $(KEYS_FILE).new-key (no terminal to show it on): KEY=\$$(cat $(KEYS_FILE).new-key), save it, delete the file."; fi
 	@echo "Try it (KEY is the key shown above on first start, or one from: $(PY) embedding_reranker_proxy.py keys create --name NAME):"
-	@echo "  curl http://127.0.0.1:$(GATEWAY_PORT)/v1/embeddings -H \"Authorization: Bearer \$$KEY\" -H 'Content-Type: application/json' -d '{\"input\": \"hello world\"}'"
-	@echo "  curl http://127.0.0.1:$(GATEWAY_PORT)/v1/rerank -H \"Authorization: Bearer \$$KEY\" -H 'Content-Type: application/json' -d '{\"query\": \"What is AI?\", \"documents\": [\"AI is artificial intelligence\", \"Bananas are yellow\"]}'"
+	@echo "  curl $(GATEWAY_URL)/v1/embeddings -H \"Authorization: Bearer \$$KEY\" -H 'Content-Type: application/json' -d '{\"input\": \"hello world\"}'"
+	@echo "  curl $(GATEWAY_URL)/v1/rerank -H \"Authorization: Bearer \$$KEY\" -H 'Content-Type: application/json' -d '{\"query\": \"What is AI?\", \"documents\": [\"AI is artificial intelligence\", \"Bananas are yellow\"]}'"
 	@echo "Stop everything with: make stop"
 
 stop: ## stop the gateway and the models started by make run

@@ -26,8 +26,28 @@ from .settings import Settings, SettingsError, not_applicable_line, validate_rat
 log = logging.getLogger("erproxy")
 
 
+def gateway_url(settings: Settings) -> str:
+    """Where a client on this host reaches the gateway: its scheme, host (loopback for a wildcard) and port."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if settings.ssl_certfile and settings.ssl_keyfile else "http"
+    return f"{scheme}://{host}:{settings.port}"
+
+
+def where(settings: Settings) -> int:
+    """`where`: the gateway's URL, key file and log file as shell assignments, from the environment and
+    .env as the gateway reads them (for `make run`, which must poll the port the gateway really uses)."""
+    import shlex
+
+    for name, value in (("GATEWAY_URL", gateway_url(settings)),
+                        ("API_KEYS_FILE", settings.api_keys_file),
+                        ("GATEWAY_LOG", str(Path(settings.log_dir) / "embedding_reranker_proxy.log"))):
+        print(f"{name}={shlex.quote(value)}")
+    return 0
+
+
 def new_key_banner(key: str, settings: Settings) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     return (
         "\n"
         "============================================================================\n"
@@ -35,7 +55,7 @@ def new_key_banner(key: str, settings: Settings) -> str:
         " It is shown only now; save it somewhere safe:\n\n"
         f"     {key}\n\n"
         " Use it as a bearer token, e.g.:\n"
-        f"     curl http://{host}:{settings.port}/v1/models -H 'Authorization: Bearer {key}'\n"
+        f"     curl {gateway_url(settings)}/v1/models -H 'Authorization: Bearer {key}'\n"
         " or add ?api_key=<key> to the URL.\n"
         "============================================================================\n"
     )
@@ -334,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the gateway (default)")
+    sub.add_parser("where", help="print the gateway's URL, key file and log file (shell assignments)")
     keys = sub.add_parser("keys", help="manage API keys in API_KEYS_FILE (a running gateway picks changes up)")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     c = ksub.add_parser("create", help="create a key and print it once")
@@ -361,5 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(settings)
     if args.command == "keys":
         return keys_with_private_redis(args, settings)
+    if args.command == "where":
+        return where(settings)
     parser.print_help()
     return 2
