@@ -19,7 +19,7 @@ from .keys import (
     rotate_key,
 )
 from . import private_redis, usage_cli
-from .audit import audit
+from .audit import audit, audit_ready
 from .logs import setup_logging
 from .settings import Settings, SettingsError, not_applicable_line, validate_rate_limit
 
@@ -279,6 +279,8 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
     if command is None:
         return 2
     try:
+        if args.keys_command in CHANGING_COMMANDS:
+            audit_ready(settings)
         command(args, settings, Path(settings.api_keys_file))
     except (KeyFileError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) else str(e)
@@ -341,6 +343,7 @@ def keys_rotate(args: argparse.Namespace, settings: Settings, path: Path) -> Non
           f"    {key}\n")
 
 
+CHANGING_COMMANDS = frozenset({"init", "create", "revoke", "rotate", "update"})  # each writes an audit entry
 KEY_COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, Path], None]] = {
     "init": keys_init, "create": keys_create, "list": keys_list, "revoke": keys_revoke, "rotate": keys_rotate,
     **usage_cli.COMMANDS,  # update, usage

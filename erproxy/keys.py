@@ -12,7 +12,9 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -376,9 +378,28 @@ def parse_duration(text: str) -> float:
             value = float(t)
     except ValueError:
         raise ValueError(f"cannot read duration {text!r}; use e.g. 30d, 12h, 90m") from None
-    if value <= 0:
-        raise ValueError("duration must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"duration must be a positive number, got {text!r}")
+    if value > MAX_DURATION_S:
+        raise ValueError(f"duration {text!r} is more than 100 years; leave --expires-in out for a key that never expires")
     return value
+
+
+MAX_DURATION_S = 100 * 365.25 * 86400
+# A name shows in logs, metrics and usage rows; `keys` would be the Redis usage index of a day
+# (erproxy:usage:DAY:keys) and `access_token` is ACCESS_TOKEN's own name.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+RESERVED_NAMES = frozenset({"keys", "access_token"})
+
+
+def check_name(name: str) -> str:
+    """A key name fit for logs, metric labels and usage rows; ValueError saying what is allowed otherwise."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"a key name is 1-64 letters, digits and . _ @ + - (starting with a letter or digit), "
+                         f"got {name!r}")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is reserved; choose another name")
+    return name
 
 
 def _find(records: list[KeyRecord], ref: str) -> KeyRecord:
@@ -393,6 +414,7 @@ def _find(records: list[KeyRecord], ref: str) -> KeyRecord:
 def create_key(path: Path, name: str, *, rate_limit: str | None = None, models: list[str] | None = None,
                expires_in: float | None = None, token_limit: str | None = None) -> tuple[str, KeyRecord]:
     """Add a key under the file lock; returns (plaintext key, record). The plaintext is never stored."""
+    check_name(name)
     with locked(path):
         records = read_records(path) if path.exists() else []
         if any(r.name == name for r in records):
@@ -424,6 +446,9 @@ def rotate_key(path: Path, name: str) -> tuple[str, KeyRecord, str]:
     with locked(path):
         records = read_records(path)
         record = _find(records, name)
+        if record.revoked:  # revoked for a reason (a leak): only a new key brings the name back
+            raise KeyError(f"{record.name!r} is revoked; rotating would make it valid again. Create a new key "
+                           "instead (keys create --name NEW)")
         old_hash = record.hash
         key = generate_key()
         record.hash, record.prefix, record.revoked = hash_key(key), display_prefix(key), False

@@ -245,7 +245,7 @@ def log_access(*, who: str, method: str, route: str, model: str | None, items: i
             entry.update(word.partition("=")[::2] for word in note.split())
         line = orjson.dumps(entry).decode()
     else:
-        line = (f"key={who} {method} {_clean(route, 200)} model={_clean(model)} "
+        line = (f"key={_clean(who, 64)} {method} {_clean(route, 200)} model={_clean(model)} "
                 f"items={'-' if items is None else items} status={status} latency_ms={latency_ms:.1f} "
                 f"upstream={upstream or '-'}{' ' + note if note else ''}")
     if _batch is None:  # logging not set up by this module (tests, embedding): the plain logger call

@@ -98,3 +98,18 @@ def test_bad_arguments_are_refused(make_gateway):
     assert keys_cmd(gw.env, "revoke", "nobody").returncode == 1
     refused = keys_cmd(gw.env, "create", "--name", "z", "--models", " , ")  # not "every model" by accident
     assert refused.returncode == 1 and "at least one model" in refused.stderr
+
+
+def test_an_unwritable_audit_log_changes_nothing_and_never_loses_a_new_key(make_gateway, tmp_path):
+    gw = make_gateway()
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where LOG_DIR should be\n")  # the audit log cannot be created under it
+    env = {**gw.env, "LOG_DIR": str(blocked)}
+    before = Path(gw.env["API_KEYS_FILE"]).read_bytes()
+    for args in (("create", "--name", "team-b"), ("rotate", "tester"), ("revoke", "tester"),
+                 ("update", "tester", "--rate-limit", "5/minute")):
+        r = keys_cmd(env, *args)
+        assert r.returncode == 1 and "cannot write the audit log" in r.stderr and "nothing was changed" in r.stderr
+        assert "Traceback" not in r.stderr and "er-" not in r.stdout
+    assert Path(gw.env["API_KEYS_FILE"]).read_bytes() == before
+    assert httpx.get(gw.url + "/v1/models", headers=gw.auth()).status_code == 200  # the old key still works

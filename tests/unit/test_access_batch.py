@@ -77,6 +77,17 @@ def test_without_an_event_loop_a_line_is_written_at_once(monkeypatch, access_at_
     assert stream.getvalue() == "key=k GET /v1/models model=- items=- status=200 latency_ms=0.5 upstream=- auth=ok\n"
 
 
+def test_a_key_name_written_by_hand_with_a_newline_cannot_forge_an_access_line(monkeypatch, access_at_info) -> None:
+    stream = io.StringIO()
+    console = logging.StreamHandler(stream)
+    console.setFormatter(Formatter("%(message)s"))
+    monkeypatch.setattr(logs, "_batch", AccessBatch([console]))
+    logs.log_access(who="ops\nkey=admin POST /v1/keys", method="GET", route="/v1/models", model=None, items=None,
+                    status=200, latency_ms=0.5, upstream=None)
+    assert stream.getvalue().count("\n") == 1
+    assert stream.getvalue().startswith("key=ops\\x0akey=admin\\x20POST\\x20/v1/keys GET /v1/models")
+
+
 def test_lines_left_by_a_loop_that_ended_go_out_with_the_next_line_outside_any_loop(monkeypatch,
                                                                                     access_at_info) -> None:
     stream = io.StringIO()

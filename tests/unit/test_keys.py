@@ -197,3 +197,32 @@ def test_an_expiry_written_without_a_zone_is_utc_whatever_the_servers_zone(tmp_p
         assert record.expired(), zone
     monkeypatch.delenv("TZ")
     time.tzset()
+
+
+@pytest.mark.parametrize("name, why", [
+    ("keys", "reserved"), ("access_token", "reserved"), ("", "1-64 letters"), ("team a", "1-64 letters"),
+    ("evil\nkey=admin", "1-64 letters"), ("-dash", "1-64 letters"), ("x" * 65, "1-64 letters"),
+])
+def test_key_names_that_would_break_logs_metrics_or_usage_are_refused(tmp_path, name, why):
+    path = tmp_path / "keys.json"
+    with pytest.raises(ValueError, match=why):
+        keymod.create_key(path, name)
+    assert not path.exists()  # nothing written
+    keymod.create_key(path, "team-a.prod@eu+1")
+    assert [r.name for r in read_records(path)] == ["team-a.prod@eu+1"]
+
+
+def test_rotating_a_revoked_key_is_refused_so_a_leaked_key_stays_dead(tmp_path):
+    path = tmp_path / "keys.json"
+    keymod.create_key(path, "leaked")
+    keymod.revoke_key(path, "leaked")
+    with pytest.raises(KeyError, match="is revoked"):
+        keymod.rotate_key(path, "leaked")
+    [record] = read_records(path)
+    assert record.revoked is True
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "1e20d", "-1d", "0", "soon"])
+def test_expiry_durations_that_are_not_a_sane_number_are_refused_with_a_message(text):
+    with pytest.raises(ValueError, match="duration"):
+        keymod.parse_duration(text)
