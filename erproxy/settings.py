@@ -312,6 +312,9 @@ class Settings(BaseSettings):
         env = dict(os.environ if environ is None else environ)
         if env_file is None:
             env_file = env.get("ENV_FILE", ".env")
+            if env.get("ENV_FILE") and not Path(env_file).is_file():  # named, so meant: a typo must not pass
+                raise SettingsError(f"ENV_FILE={env_file}: no such file (ENV_FILE= reads no file; unset, "
+                                    ".env if it exists)")
         file_values: dict[str, str] = {}
         if env_file and Path(env_file).is_file():
             file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}

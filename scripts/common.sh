@@ -35,6 +35,10 @@ ERP_ENV_FILE="${ENV_FILE-$ERP_ROOT/.env}"
 if [[ -n "$ERP_ENV_FILE" && "$ERP_ENV_FILE" != /* && ! -f "$ERP_ENV_FILE" ]]; then
     ERP_ENV_FILE="$ERP_ROOT/$ERP_ENV_FILE"
 fi
+# A file named in ENV_FILE must exist: a typo would otherwise drop the whole configuration unnoticed.
+if [[ -n "${ENV_FILE:-}" && ! -f "$ERP_ENV_FILE" ]]; then
+    die "ENV_FILE=$ENV_FILE: no such file (ENV_FILE= reads no file; unset, .env in $ERP_ROOT if it exists)"
+fi
 [[ -n "$ERP_ENV_FILE" ]] && load_dotenv "$ERP_ENV_FILE"
 ERP_ENV_DIR="$(cd "$(dirname "${ERP_ENV_FILE:-.}")" 2>/dev/null && pwd || echo "$ERP_CALLER_PWD")"
 

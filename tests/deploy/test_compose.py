@@ -217,6 +217,20 @@ def test_compose_healthchecks(services: dict[str, Any]) -> None:
     assert services["redis"]["image"] == "redis:7-alpine"
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert not services["redis"].get("ports")
+
+
+def test_compose_redis_keeps_usage_and_limits_across_restarts(services: dict[str, Any]) -> None:
+    """With REDIS_URL the usage counters live only in Redis: a restart of the container must not erase them."""
+    redis = services["redis"]
+    assert _arg(redis["command"], "--appendonly") == "yes"
+    assert {v["target"]: v["type"] for v in redis["volumes"]} == {"/data": "volume"}  # the image's dir
+
+
+def test_compose_gives_the_gateway_its_shutdown_grace_before_killing_it(services: dict[str, Any]) -> None:
+    from erproxy.settings import Settings
+
+    grace = Settings.from_env({**services["gateway"]["environment"], "ENV_FILE": ""}).shutdown_grace
+    assert _seconds(services["gateway"]["stop_grace_period"]) >= grace + 5
     # The gateway's health check is the image's HEALTHCHECK (see the Dockerfile tests), unless overridden.
     assert "healthcheck" not in services["gateway"] or services["gateway"]["healthcheck"].get("test")
 

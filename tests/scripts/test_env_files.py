@@ -181,3 +181,10 @@ def test_env_example_copied_to_env_lets_the_plan_place_the_models(sim, tmp_path,
     assert result.returncode == 0, result.stderr
     placed = [line for line in result.stdout.splitlines() if line.startswith("CUDA_DEVICE_ORDER")]
     assert [int(line.split("CUDA_VISIBLE_DEVICES=")[1].split()[0]) for line in placed] == gpus
+
+
+def test_the_scripts_refuse_an_env_file_that_does_not_exist(sim, tmp_path) -> None:
+    s: Sim = sim("h100x1")
+    for script, args in (("start_vllm_models.sh", ("all", "--dry-run")), ("check_models_status.sh", ("--json",))):
+        r = s.run(script, *args, ENV_FILE=str(tmp_path / "erproxy.emv"))
+        assert r.returncode != 0 and "no such file" in r.stderr, r.stdout + r.stderr

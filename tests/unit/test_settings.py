@@ -186,3 +186,10 @@ def test_unix_redis_urls_reach_the_limits_library_as_redis_unix():
 
     assert limits_storage_uri("unix:///run/redis.sock?db=0") == "redis+unix:///run/redis.sock?db=0"
     assert limits_storage_uri("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_an_env_file_named_but_missing_stops_start_up_instead_of_dropping_the_configuration(tmp_path):
+    with pytest.raises(SettingsError, match="ENV_FILE=.*no such file"):
+        Settings.from_env({"ENV_FILE": str(tmp_path / "erproxy.emv")})
+    assert Settings.from_env({"ENV_FILE": ""}).port == 2048  # ENV_FILE= : no file at all
+    assert Settings.from_env({}, env_file=tmp_path / "absent.env").port == 2048  # the default .env may be absent
