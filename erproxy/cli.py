@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Callable
@@ -132,6 +133,12 @@ def serve(settings: Settings) -> int:
     keys_path = Path(settings.api_keys_file)
     if private_redis.needed(settings) and not private_redis.binary():  # refuse before making a key file
         log.error("cannot start: %s", private_redis.missing_binary_message(settings))
+        return 2
+    try:  # a mistyped HOST would otherwise end in the server's "Name or service not known", naming nothing
+        socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as e:
+        log.error("cannot start: HOST=%s is not an address of this machine nor a name that resolves (%s)",
+                  settings.host, getattr(e, "strerror", None) or e)
         return 2
     try:
         new_key = ensure_key_file(keys_path)

@@ -134,6 +134,8 @@ def _urls(raw: str, name: str) -> tuple[str, ...]:
         if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", u):
             raise SettingsError(f"{name} has an invalid URL {u!r}; expected e.g. http://127.0.0.1:8000")
         parts = urlsplit(u)
+        if not parts.hostname:
+            raise SettingsError(f"{name} has a URL without a host: {u!r}; expected e.g. http://127.0.0.1:8000")
         if parts.username or parts.password:
             raise SettingsError(f"{name} must not carry credentials (user:password@): they would show in "
                                 "/health, metrics and logs")
@@ -318,7 +320,10 @@ class Settings(BaseSettings):
         file_values: dict[str, str] = {}
         if env_file and Path(env_file).is_file():
             file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
-        merged = {**file_values, **env}
+        # an empty value is no value, as `: "${VAR:=default}"` in the vLLM scripts and pydantic-settings'
+        # env_ignore_empty have it: DOCS= or API_KEYS_FILE= (a compose `${X:-}`) means the default, not
+        # false or a key file named ''
+        merged = {k: v for k, v in {**file_values, **env}.items() if v.strip()}
         settings = cls(**{name: merged[name.upper()] for name in cls.model_fields if name.upper() in merged})
         settings._not_applicable = tuple(name for name in NOT_APPLICABLE if name in merged)
         settings._workers_auto = str(merged.get("WORKERS", "")).strip().lower() == "auto"

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.procs import ROOT, gateway_env, spawn, start_gateway, wait_http
 
@@ -46,8 +47,9 @@ def test_corrupt_key_file_stops_start_up_untouched(tmp_path, fake_embed, fake_re
     assert Path(env["API_KEYS_FILE"]).read_text() == '{"keys": [oops'
 
 
-def test_bad_configuration_stops_start_up_naming_the_variable(tmp_path, fake_embed, fake_rerank):
-    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, RATE_LIMIT="fast please")
+@pytest.mark.parametrize("variable, value", [("RATE_LIMIT", "fast please"), ("HOST", "127.0.0.l")])
+def test_bad_configuration_stops_start_up_naming_the_variable(tmp_path, fake_embed, fake_rerank, variable, value):
+    env = gateway_env(tmp_path, fake_embed.url, fake_rerank.url, **{variable: value})
     proc = start_gateway(tmp_path, env, wait=False)
     assert proc.popen.wait(30) == 2
-    assert "RATE_LIMIT" in proc.output()
+    assert f"{variable}" in proc.output() and "Traceback" not in proc.output()

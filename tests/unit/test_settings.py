@@ -193,3 +193,14 @@ def test_an_env_file_named_but_missing_stops_start_up_instead_of_dropping_the_co
         Settings.from_env({"ENV_FILE": str(tmp_path / "erproxy.emv")})
     assert Settings.from_env({"ENV_FILE": ""}).port == 2048  # ENV_FILE= : no file at all
     assert Settings.from_env({}, env_file=tmp_path / "absent.env").port == 2048  # the default .env may be absent
+
+
+def test_an_empty_value_means_the_default_not_false_or_an_empty_path():
+    """DOCS= or API_KEYS_FILE= (what compose writes for `${X:-}`) is no value, as in the vLLM scripts."""
+    s = Settings.from_env({"DOCS": "", "API_KEYS_FILE": "  ", "PORT": "", "HOST": "", "WORKERS": ""}, env_file="")
+    assert (s.docs, s.api_keys_file, s.port, s.host, s.workers) == (True, "er_api_keys.json", 2048, "0.0.0.0", 1)
+
+
+def test_an_upstream_url_without_a_host_is_refused():
+    with pytest.raises(SettingsError, match="EMBEDDING_UPSTREAMS has a URL without a host"):
+        Settings.from_env({"EMBEDDING_UPSTREAMS": "http://:8000"}, env_file="")
