@@ -10,7 +10,9 @@ Lookups go to an in-process LRU bounded by CACHE_MAX_BYTES, then, for what it la
 REDIS_URL is set (one MGET per request; the misses are written with one pipelined SET ... EX
 CACHE_TTL), so workers and instances share it. Redis being down never fails a request: the error
 is logged once, Redis is skipped for REDIS_RETRY_S, and the request is served from the LRU and
-the upstream.
+the upstream. Redis holds the limits and usage too, and its entries leave only by CACHE_TTL: while
+its memory (INFO used_memory, read at most every MEMORY_CHECK_S) is over CACHE_REDIS_MAX_BYTES, no
+entry is written to it, so a day of unique inputs cannot grow it until the kernel kills it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ log = logging.getLogger("erproxy.cache")
 REDIS_PREFIX = "erproxy:item:"
 REDIS_TIMEOUT_S = 0.5
 REDIS_RETRY_S = 5.0
+MEMORY_CHECK_S = 5.0  # how often Redis's used_memory is read again (with the next write)
 ENTRY_OVERHEAD = 210  # bytes an LRU entry costs beyond its key and value: the str and bytes objects, the
 # OrderedDict slot and node (measured with tracemalloc: tests/unit/test_cache_memory.py)
 # Upstream fields that label a request without changing any item's answer.
@@ -83,8 +86,12 @@ def rerank_keys(model: str | None, root: str | None, instruction: str | None, qu
 class ItemCache:
     """In-process LRU of at most `max_bytes` (0: off), in front of Redis when `redis_url` is set."""
 
-    def __init__(self, max_bytes: int, redis_url: str | None = None, ttl: float = 86400.0) -> None:
+    def __init__(self, max_bytes: int, redis_url: str | None = None, ttl: float = 86400.0,
+                 redis_max_bytes: int = 0) -> None:
         self.max_bytes = max_bytes
+        self.redis_max_bytes = redis_max_bytes  # 0: no bound on Redis's memory
+        self._redis_full = False
+        self._memory_checked = float("-inf")
         self.ttl = max(1, int(ttl))
         self.lru: OrderedDict[str, bytes] = OrderedDict()
         self.bytes = 0
@@ -105,7 +112,8 @@ class ItemCache:
     def state(self) -> dict[str, Any]:
         """What /health shows."""
         return {"enabled": self.enabled, "items": len(self.lru), "bytes": self.bytes, "max_bytes": self.max_bytes,
-                "redis": None if self.redis is None else ("unavailable" if self._redis_error else "ok")}
+                "redis": None if self.redis is None else ("unavailable" if self._redis_error else
+                                                          "full" if self._redis_full else "ok")}
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -169,12 +177,30 @@ class ItemCache:
         for k, v in items:
             self._put_local(k, v)
         if items and self._redis_usable():
+            check = self.redis_max_bytes > 0 and time.monotonic() - self._memory_checked >= MEMORY_CHECK_S
+            if self._redis_full and not check:
+                return
             try:
                 pipe = self.redis.pipeline(transaction=False)
-                for k, v in items:
-                    pipe.set(REDIS_PREFIX + k, v, ex=self.ttl)
-                await pipe.execute()
+                if check:
+                    pipe.info("memory")
+                if not self._redis_full:
+                    for k, v in items:
+                        pipe.set(REDIS_PREFIX + k, v, ex=self.ttl)
+                replies = await pipe.execute()
             except Exception as e:  # noqa: BLE001
                 self._redis_failed(e)
             else:
                 self._redis_ok()
+                if check:
+                    self._memory_checked = time.monotonic()
+                    self._note_memory(int(replies[0].get("used_memory", 0)))
+
+    def _note_memory(self, used: int) -> None:
+        full = used > self.redis_max_bytes
+        if full and not self._redis_full:
+            log.warning("Redis uses %d bytes, over CACHE_REDIS_MAX_BYTES=%d: no new items are cached in Redis "
+                        "until entries expire (CACHE_TTL) or memory is freed", used, self.redis_max_bytes)
+        elif self._redis_full and not full:
+            log.info("Redis uses %d bytes, under CACHE_REDIS_MAX_BYTES again: caching items in Redis", used)
+        self._redis_full = full

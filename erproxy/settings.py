@@ -277,6 +277,9 @@ class Settings(BaseSettings):
         "false", "When Redis is unreachable: false = answer 503, true = admit under per-process limits.")
     cache_max_bytes: SizeOrOff = knob(
         "256MiB", "In-process item cache (embedding vectors, rerank scores) of each worker; 0 turns the cache off.")
+    cache_redis_max_bytes: SizeOrOff = knob(
+        "1GiB", "Redis memory (its used_memory, limits and usage included) above which the item cache writes no "
+        "new entries to Redis until old ones expire (CACHE_TTL); 0 = no bound.")
     cache_ttl: Annotated[float, seconds(1, 365 * 86400.0)] = knob(
         "86400", "Seconds a cached item lives in Redis (with REDIS_URL the cache is shared by workers and instances).")
     split_embedding_inputs: Annotated[int, integer(1)] = knob(

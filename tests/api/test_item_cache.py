@@ -10,6 +10,7 @@ import json
 import struct
 
 import pytest
+import redis
 
 from tests.api.test_dialects import upstream_bodies
 from tests.api.test_metrics import scrape, value
@@ -213,6 +214,23 @@ async def test_redis_shares_the_cache_and_being_down_fails_nothing(make_gateway,
     assert (await one.get("/health")).json()["cache"]["redis"] == "unavailable"
     warnings = [rec for rec in caplog.records if rec.name == "erproxy.cache" and "unavailable" in rec.getMessage()]
     assert 1 <= len(warnings) <= 2  # once per gateway, not once per request
+
+
+async def test_a_redis_over_its_memory_bound_gets_no_new_cache_entries(make_gateway, fake_embed, redis_server, caplog):
+    """Entries leave Redis only by CACHE_TTL: a day of unique inputs must not grow it without bound (it holds
+    the limits and usage too). An empty Redis already uses about a megabyte: a 1 KiB bound is over it."""
+    r = redis.Redis.from_url(redis_server.url)
+    bounded = await make_gateway(**ON, REDIS_URL=redis_server.url, CACHE_REDIS_MAX_BYTES="1KiB")
+    for i in range(3):
+        assert (await embed(bounded, [f"bounded {i}"])).status_code == 200
+    # the first write goes out with the first reading of its memory; after that reading, nothing more
+    assert len(r.keys("erproxy:item:*")) <= 1
+    assert (await bounded.get("/health")).json()["cache"]["redis"] == "full"
+    full = [rec for rec in caplog.records if rec.name == "erproxy.cache" and "over CACHE_REDIS_MAX_BYTES" in rec.getMessage()]
+    assert len(full) == 1
+    unbounded = await make_gateway(**ON, REDIS_URL=redis_server.url, CACHE_REDIS_MAX_BYTES="0")
+    assert (await embed(unbounded, ["free 1", "free 2"])).status_code == 200
+    assert len(r.keys("erproxy:item:*")) >= 2
 
 
 async def gw_rerank(gw):
