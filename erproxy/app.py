@@ -295,7 +295,7 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Gatewa
     )
     metrics = Metrics()
     cache = ItemCache(settings.cache_max_bytes, settings.redis_url, settings.cache_ttl,
-                      redis_max_bytes=settings.cache_redis_max_bytes)
+                      redis_max_bytes=settings.cache_redis_max_bytes, shared=settings.cache_scope == "shared")
     handlers = Handlers(upstreams, metrics, query_instruction=settings.embedding_query_instruction,
                         metrics_token=settings.metrics_token, accept_token_ids=settings.accept_token_ids,
                         auto_truncate=settings.auto_truncate, cache=cache,

@@ -72,23 +72,31 @@ def _item_keys(context: list[Any], items: Iterable[str]) -> list[str]:
     return out
 
 
-def embedding_keys(model: str | None, root: str | None, texts: Iterable[str], fields: dict[str, Any]) -> list[str]:
-    """One key per text: model, root, the text as sent upstream, and the fields that change a vector."""
-    return _item_keys(["e", model, root, _fields(fields)], texts)
+def embedding_keys(model: str | None, root: str | None, texts: Iterable[str], fields: dict[str, Any],
+                   scope: str | None = None) -> list[str]:
+    """One key per text: model, root, the text as sent upstream, and the fields that change a vector; with
+    a `scope` (CACHE_SCOPE=key: the API key's name), that key's own entries."""
+    context = ["e", model, root, _fields(fields)]
+    return _item_keys(context if scope is None else [*context, scope], texts)
 
 
 def rerank_keys(model: str | None, root: str | None, instruction: str | None, query: str, documents: Iterable[str],
-                fields: dict[str, Any]) -> list[str]:
-    """One key per document: model, root, instruction, query, the document, truncation and the other fields."""
-    return _item_keys(["r", model, root, instruction, query, _fields(fields)], documents)
+                fields: dict[str, Any], scope: str | None = None) -> list[str]:
+    """One key per document: model, root, instruction, query, the document, truncation and the other fields
+    (and the `scope`, as for embedding_keys)."""
+    context = ["r", model, root, instruction, query, _fields(fields)]
+    return _item_keys(context if scope is None else [*context, scope], documents)
 
 
 class ItemCache:
     """In-process LRU of at most `max_bytes` (0: off), in front of Redis when `redis_url` is set."""
 
     def __init__(self, max_bytes: int, redis_url: str | None = None, ttl: float = 86400.0,
-                 redis_max_bytes: int = 0) -> None:
+                 redis_max_bytes: int = 0, shared: bool = False) -> None:
         self.max_bytes = max_bytes
+        # CACHE_SCOPE=shared: one cache for every API key; else each key's own entries, so that no key can
+        # learn from X-Cache-Hits (or the time an answer takes) which texts another key has sent
+        self.shared = shared
         self.redis_max_bytes = redis_max_bytes  # 0: no bound on Redis's memory
         self._redis_full = False
         self._memory_checked = float("-inf")
@@ -157,6 +165,12 @@ class ItemCache:
             self._redis_error = None
 
     # ---- what the item path calls --------------------------------------------------------------------
+    def scope(self, req: Request) -> str | None:
+        """What item keys add for this request: None when shared, else the API key's name."""
+        if self.shared:
+            return None
+        return req.who.name if req.who is not None else "-"
+
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
         found = [self._get_local(k) for k in keys]
         missing = [i for i, v in enumerate(found) if v is None]

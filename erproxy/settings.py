@@ -277,6 +277,9 @@ class Settings(BaseSettings):
         "false", "When Redis is unreachable: false = answer 503, true = admit under per-process limits.")
     cache_max_bytes: SizeOrOff = knob(
         "256MiB", "In-process item cache (embedding vectors, rerank scores) of each worker; 0 turns the cache off.")
+    cache_scope: Annotated[str, choice("key", "shared")] = knob(
+        "key", "Whose requests a cached item answers: key (each API key its own entries: no key learns from "
+        "X-Cache-Hits what another sent) or shared (one cache for all keys: more hits where keys send the same texts).")
     cache_redis_max_bytes: SizeOrOff = knob(
         "1GiB", "Redis memory (its used_memory, limits and usage included) above which the item cache writes no "
         "new entries to Redis until old ones expire (CACHE_TTL); 0 = no bound.")

@@ -288,7 +288,7 @@ class Items:
             text = "float"
         # no shared model root (replicas of one name with different weights, not discovered yet): no cache
         root = self.upstreams.cache_root("embedding", model) if mode != BYPASS else None
-        keys = embedding_keys(model, root, texts, fields) if root is not None else None
+        keys = embedding_keys(model, root, texts, fields, self.cache.scope(req)) if root is not None else None
         found = await self._lookup(req, "embedding", mode, keys, len(texts))
         missing = [i for i, v in enumerate(found) if v is None]
         tokens: int | None = 0
@@ -359,7 +359,8 @@ class Items:
         """A score for every document of `rr` (top_n is applied by the caller, after the merge)."""
         root = self.upstreams.cache_root("reranker", model) if mode != BYPASS else None
         docs = rr.documents
-        keys = rerank_keys(model, root, rr.instruction, rr.query, docs, rr.extra) if root is not None else None
+        keys = (rerank_keys(model, root, rr.instruction, rr.query, docs, rr.extra, self.cache.scope(req))
+                if root is not None else None)
         found = await self._lookup(req, "reranker", mode, keys, len(docs))
         scores: list[float | None] = [None if v is None else _unpack_score(v) for v in found]
         missing = [i for i, v in enumerate(scores) if v is None]

@@ -125,6 +125,25 @@ async def test_no_cache_recomputes_and_refreshes_no_store_neither_reads_nor_writ
     assert len(seen) == 4
 
 
+@pytest.mark.parametrize("scope", ["key", "shared"])
+async def test_one_key_cannot_tell_from_the_cache_what_another_key_sent_unless_shared(make_gateway, fake_embed,
+                                                                                      fake_rerank, scope):
+    env = {**ON, "CACHE_SCOPE": scope} if scope == "shared" else ON  # key: the default
+    gw = await make_gateway(key_names=("team-a", "team-b"), **env)
+    a, b = gw.keys["team-a"], gw.keys["team-b"]
+    texts = ["a private contract clause", "another one"]
+    assert (await gw.post("/v1/embeddings", headers=gw.auth(a), json={"model": "minilm", "input": texts})
+            ).headers["x-cache-misses"] == "2"
+    probe = await gw.post("/v1/embeddings", headers=gw.auth(b), json={"model": "minilm", "input": texts})
+    rerank = {"query": "q", "documents": ["d1", "d2"]}
+    await gw.post("/v1/rerank", headers=gw.auth(a), json=rerank)
+    rprobe = await gw.post("/v1/rerank", headers=gw.auth(b), json=rerank)
+    hits = "2" if scope == "shared" else "0"
+    assert (probe.headers["x-cache-hits"], rprobe.headers["x-cache-hits"]) == (hits, hits)
+    again = await gw.post("/v1/embeddings", headers=gw.auth(a), json={"model": "minilm", "input": texts})
+    assert again.headers["x-cache-hits"] == "2"  # each key's own entries still serve it
+
+
 async def test_cache_off_keeps_the_pass_through_and_says_so(make_gateway, fake_embed):
     gw = await make_gateway(CACHE_MAX_BYTES="0")
     seen = upstream_bodies(fake_embed)
