@@ -132,8 +132,14 @@ class ReplicaSet:
             replicas = self.candidates(kind, model)
         except ApiError:
             return None
-        roots = {r.models[model].root if model in r.models else None for r in replicas}
-        return roots.pop() if len(roots) == 1 else None
+        # with the context length: a request truncated to the model's length (truncate_prompt_tokens=-1,
+        # AUTO_TRUNCATE) gives another vector once vLLM is restarted with another --max-model-len
+        roots = {(r.models[model].root, r.models[model].max_model_len) if model in r.models else (None, None)
+                 for r in replicas}
+        if len(roots) != 1:
+            return None
+        root, length = roots.pop()
+        return None if root is None else (root if length is None else f"{root}@{length}")
 
     def is_known_model(self, model: str) -> bool:
         return model in self.default_models.values() or any(model in r.models for r in self.all())

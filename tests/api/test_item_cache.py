@@ -256,12 +256,15 @@ async def gw_rerank(gw):
     return await gw.post("/v1/rerank", headers=gw.auth(), json={"query": "q", "documents": ["a", "b"]})
 
 
-async def test_replicas_of_one_name_with_different_weights_are_never_cached(make_gateway, fakes, fake_rerank):
-    """During a rolling upgrade two replicas serve `minilm` from different weights (roots). A vector of one
-    must never be stored or served as the other's: the cache keys name the root, and with two roots
-    behind one name there is no single one, so those requests bypass the cache."""
+@pytest.mark.parametrize("field, value", [("root", "org/minilm-v2"), ("max_model_len", 128)])
+async def test_replicas_of_one_name_with_different_weights_are_never_cached(make_gateway, fakes, fake_rerank,
+                                                                            field, value):
+    """During a rolling upgrade two replicas serve `minilm` from different weights (roots), or one was
+    restarted with another --max-model-len (a truncated input's vector changes with it). A vector of one
+    must never be stored or served as the other's: the cache keys name the root and the length, and with
+    two behind one name there is no single one, so those requests bypass the cache."""
     old, new = await fakes.start("embed"), await fakes.start("embed")
-    new.fake.models_doc["data"][0]["root"] = "org/minilm-v2"
+    new.fake.models_doc["data"][0][field] = value
     gw = await make_gateway(embed=f"{new.url},{old.url}", rerank=fake_rerank.url, **ON)
     for _ in range(2):
         r = await embed(gw, ["hello"])
@@ -274,4 +277,5 @@ async def test_replicas_of_one_name_with_different_weights_are_never_cached(make
     await embed(single, ["hello"])
     again = await embed(single, ["hello"])
     assert again.headers["x-cache-hits"] == "1"
-    assert single.app.services.upstreams.cache_root("embedding", "minilm") == "org/minilm-v2"
+    info = new.fake.models_doc["data"][0]
+    assert single.app.services.upstreams.cache_root("embedding", "minilm") == f"{info['root']}@{info['max_model_len']}"
