@@ -64,8 +64,9 @@ Direction = Annotated[Literal["Left", "Right"], BeforeValidator(_direction)]
 Model = Annotated[str, Field(min_length=1, description="Served model; default: the gateway's default of the kind.")]
 
 
-class _Request(BaseModel):
-    # strict: a string is not a number and 1 is not true; unknown fields are ignored like TEI and Cohere do
+class _Request(schemas.NullIsNotSent):
+    # strict: a string is not a number and 1 is not true; unknown fields are ignored like TEI and Cohere do;
+    # null for a field with a default is the default
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
@@ -560,6 +561,15 @@ class Dialects:
             out.append(item)
         return Response(200, orjson.dumps(out))
 
+    async def tei_default(self, req: Request) -> Response:
+        """TEI's default route (`POST /`, `/invocations`), where TEI clients given the server's base URL
+        post (huggingface_hub's InferenceClient, Haystack's TEI embedders): a rerank when the body has
+        `query` and `texts`, else an embedding."""
+        doc = parse_json_object(req.body)
+        if "query" in doc and "texts" in doc:
+            return await self.rerank_root(req)
+        return await self.tei_embed(req)
+
     async def single_service_rerank(self, req: Request) -> Response:
         """`/api/v1/rerank`: results carry `text` (their clients read it) and `document` as before."""
         rr = parse_rerank(req.body)
@@ -587,6 +597,12 @@ def dialect_routes(d: Dialects) -> list[Route]:
               responses=bad),
         Route("/embed", ("POST",), d.tei_embed, summary="Embed (TEI)", request_model=TEIEmbedRequest,
               response_model=TEIEmbedResponse, tags=("embeddings", "tei"), responses=bad),
+        Route("/", ("POST",), d.tei_default, summary="TEI's default route: embed (rerank with `query` and `texts`)",
+              request_model=TEIEmbedRequest, response_model=TEIEmbedResponse, tags=("embeddings", "tei"),
+              responses=bad),
+        Route("/invocations", ("POST",), d.tei_default, summary="TEI's default route (as `POST /`)",
+              request_model=TEIEmbedRequest, response_model=TEIEmbedResponse, tags=("embeddings", "tei"),
+              responses=bad),
         Route("/v1/embed", ("POST",), d.cohere_embed_v1, summary="Embed (Cohere v1)",
               request_model=CohereEmbedRequest, response_model=CohereEmbedResponse, tags=("embeddings", "cohere"),
               responses=bad),

@@ -146,6 +146,12 @@ def parse_rerank(body: bytes) -> RerankRequest:
     except ValidationError as e:
         raise request_error(RerankModel, e, doc) from None
     texts: list[str] = m.documents  # type: ignore[assignment]  # Documents holds the texts
+    rank_fields = doc.get("rank_fields")
+    if rank_fields is not None and rank_fields != ["text"]:
+        # Cohere ranks object documents on these fields; the gateway sends each document's `text` to vLLM,
+        # so anything else would be ranked on the wrong field without a word
+        raise bad_request("`rank_fields` other than [\"text\"] is not served: documents are ranked on their "
+                          "`text`. Put what should be ranked in `text`.", param="rank_fields")
     if m.top_n is not None and m.top_k is not None and m.top_n != m.top_k:
         raise bad_request("`top_n` and its alias `top_k` disagree; send one of them.", param="top_n")
     top_n = m.top_n if m.top_n is not None else m.top_k

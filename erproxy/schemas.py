@@ -19,7 +19,7 @@ from itertools import takewhile
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ApiError, bad_request
 
@@ -31,7 +31,31 @@ TokenIds = Annotated[list[int], Field(min_length=1, fail_fast=True)]
 REQUEST_CONFIG = ConfigDict(extra="allow", strict=True)
 
 
-class _Request(BaseModel):
+class NullIsNotSent(BaseModel):
+    """`null` for a field that has a default means "not sent", as the APIs imitated here read it (Cohere,
+    TEI's Option fields): SDKs such as langchain-cohere send `"truncate": null` for their own None."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = [k for k in _defaulted(cls) if k in data and data[k] is None]
+            if nulls:
+                data = {k: v for k, v in data.items() if k not in nulls}
+        return data
+
+
+def _defaulted(cls: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of `cls` whose default is not None (cached on the class)."""
+    found = cls.__dict__.get("_defaulted_fields")
+    if found is None:
+        found = tuple(f.alias or name for name, f in cls.model_fields.items() if f.default is not None
+                      and not f.is_required())
+        setattr(cls, "_defaulted_fields", found)
+    return found  # type: ignore[no-any-return]
+
+
+class _Request(NullIsNotSent):
     """A request body: strict JSON types (no "1" for 1, no true for 1), unknown fields kept."""
 
     model_config = REQUEST_CONFIG

@@ -97,3 +97,23 @@ def test_llama_index_cohere_rerank(shared_gateway):
     out = rr.postprocess_nodes(nodes, QueryBundle(QUERY))
     assert [n.node.get_content() for n in out] == [DOCUMENTS[1], DOCUMENTS[2]]
     assert [n.score for n in out] == [s for _, s in RANKED[:2]]
+
+
+def test_langchain_cohere_embeddings_with_their_defaults(shared_gateway, reference):
+    """CohereEmbeddings sends `"truncate": null` (its own default): null is "not sent", as at Cohere."""
+    from langchain_cohere import CohereEmbeddings
+
+    lc = CohereEmbeddings(model=EMBED_MODEL, cohere_api_key=shared_gateway.key, base_url=shared_gateway.url,
+                          max_retries=0)
+    assert lc.embed_documents(TEXTS) == [reference.vector(t) for t in TEXTS]
+    assert lc.embed_query("hello world") == reference.vector("hello world")
+
+
+def test_cohere_v1_rerank_of_another_field_than_text_is_refused_not_ranked_on_the_text(v1):
+    docs = [{"title": "AI is artificial intelligence", "text": "Bananas are yellow"},
+            {"title": "Bananas are yellow", "text": "AI is artificial intelligence"}]
+    with pytest.raises(cohere.BadRequestError) as e:
+        v1.rerank(model=RERANK_MODEL, query=QUERY, documents=docs, rank_fields=["title"])
+    assert "rank_fields" in str(e.value.body)
+    same = v1.rerank(model=RERANK_MODEL, query=QUERY, documents=docs, rank_fields=["text"], return_documents=None)
+    assert [r.index for r in same.results] == [1, 0]

@@ -69,3 +69,28 @@ def test_dify_score_threshold(shared_gateway, path):
                                     "top_n": 3, "score_threshold": 0.6})
     assert r.status_code == 200, r.text
     assert [(x["index"], x["relevance_score"]) for x in r.json()["results"]] == RANKED[:2]
+
+
+def test_haystack_tei_embedders_and_huggingface_hub_given_the_base_url(shared_gateway, reference, monkeypatch):
+    """TEI clients post to the server's base URL (TEI's default route, `POST /`): Haystack's TEI embedders
+    and huggingface_hub's InferenceClient, set up with the gateway's URL as with TEI's."""
+    import huggingface_hub.constants
+
+    # offline mode (conftest) refuses even the gateway's loopback URL; only that URL is called here
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    from haystack_integrations.components.embedders.huggingface_api import (
+        HuggingFaceAPIDocumentEmbedder,
+        HuggingFaceAPITextEmbedder,
+    )
+    from huggingface_hub import InferenceClient
+
+    params = {"api_type": "text_embeddings_inference", "api_params": {"url": shared_gateway.url},
+              "token": Secret.from_token(shared_gateway.key)}
+    vector = HuggingFaceAPITextEmbedder(**params).run(text="hello world")["embedding"]
+    assert vector == reference.vector("hello world")
+    docs = HuggingFaceAPIDocumentEmbedder(**params, batch_size=2).run(
+        documents=[Document(content=t) for t in ("hello world", "人工智能", "AI helps humans")])["documents"]
+    assert [len(d.embedding) for d in docs] == [384] * 3
+    assert docs[1].embedding == reference.vector("人工智能")
+    client = InferenceClient(model=shared_gateway.url, token=shared_gateway.key)
+    assert client.feature_extraction("hello world")[0].tolist() == reference.vector("hello world")
