@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import orjson
 
 from .asgi import Request
+from .errors import bad_request
 
 log = logging.getLogger("erproxy.cache")
 
@@ -62,7 +63,11 @@ def _fields(fields: dict[str, Any]) -> dict[str, Any]:
 
 def _item_keys(context: list[Any], items: Iterable[str]) -> list[str]:
     """One key per item: a hash of what every item shares (`context`) and the item's own text."""
-    prefix = orjson.dumps(context, option=orjson.OPT_SORT_KEYS)
+    try:
+        prefix = orjson.dumps(context, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # a client's field nested deeper than orjson writes (protocol.client_json)
+        raise bad_request("The request body nests arrays or objects too deep (more than about 250 levels).",
+                          code="invalid_json") from None
     out = []
     for item in items:
         h = hashlib.blake2b(prefix, digest_size=20)

@@ -40,6 +40,7 @@ from .protocol import (
     EmbeddingsRequest,
     RerankRequest,
     apply_query_instruction,
+    client_json,
     is_qwen3_embedding,
     parse_json_object,
     parse_rerank,
@@ -399,7 +400,7 @@ class Dialects:
             body = {"input": doc["input"], "encoding_format": "float", **fields}
             if model is not None:
                 body["model"] = model
-            resp = await self.h.forward(req, "embedding", model, "/v1/embeddings", orjson.dumps(body))
+            resp = await self.h.forward(req, "embedding", model, "/v1/embeddings", client_json(body))
             if resp.status != 200:
                 raise upstream_error(resp, "embedding")
             try:

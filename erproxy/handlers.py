@@ -21,7 +21,7 @@ from .auth import check_model_allowed, presented_key
 from .dialects import Dialects, dialect_routes
 from .errors import bad_gateway, token_ids_not_accepted, unauthorized, upstream_error
 from .metrics import Metrics, prompt_tokens
-from .protocol import apply_query_instruction, is_qwen3_embedding, parse_embeddings
+from .protocol import apply_query_instruction, client_json, is_qwen3_embedding, parse_embeddings
 from .routing import Route, RouteTable
 from .schemas import EmbeddingsRequest, EmbeddingsResponse, Health, ModelList
 from .split import Items, auto_truncate, check_status, embeddings_answer
@@ -242,7 +242,7 @@ class Handlers:
             tokens = got.prompt_tokens
         else:
             if parsed.changed:
-                body = orjson.dumps(parsed.doc)
+                body = client_json(parsed.doc)
             resp = await self.forward(req, "embedding", model, "/v1/embeddings", body)
             if resp.status != 200:
                 raise upstream_error(resp, "embedding")

@@ -14,6 +14,7 @@ under load (bench/results/ANALYSIS.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from bisect import bisect_left
@@ -244,16 +245,19 @@ def forget_dead_workers(directory: str) -> None:
     """Drop the live gauges (in flight, replica health) of workers that died without a clean stop (SIGKILL,
     the OOM killer): `worker_exiting` never ran for them, and their last values would be summed (in flight)
     or maxed (an upstream's health: a down replica shown as up) into every scrape until a restart."""
-    from prometheus_client import multiprocess
-
     try:
         names = os.listdir(directory)
     except OSError:
         return
-    pids = {name[:-3].rsplit("_", 1)[1] for name in names if name.startswith("gauge_live") and name.endswith(".db")}
-    for pid in pids:
+    for name in names:
+        if not (name.startswith("gauge_live") and name.endswith(".db")):
+            continue
+        pid = name[:-3].rsplit("_", 1)[1]
         if pid.isdigit() and not _is_sibling(int(pid)):
-            multiprocess.mark_process_dead(int(pid), directory)
+            # what prometheus_client's mark_process_dead removes, but a file another worker's scrape has
+            # just removed is no error (it raised FileNotFoundError: a 500 for that scrape)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
 
 
 def prompt_tokens(body: bytes) -> int | None:

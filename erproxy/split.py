@@ -46,7 +46,7 @@ from .asgi import Request
 from .cache import BYPASS, REFRESH, ItemCache, cache_mode, embedding_keys, rerank_keys
 from .errors import bad_gateway, upstream_error
 from .metrics import Metrics
-from .protocol import RerankRequest
+from .protocol import RerankRequest, client_json
 from .upstreams import UpstreamResponse, Upstreams
 
 if TYPE_CHECKING:
@@ -304,7 +304,7 @@ class Items:
                 body = {**fields, "input": [texts[i] for i in part], "encoding_format": upstream_format}
                 if model is not None:
                     body["model"] = model
-                return orjson.dumps(body)
+                return client_json(body)
 
             resps = await self._post_chunks(req, "embedding", model, "/v1/embeddings", parts, body_of)
             fresh: list[tuple[str, bytes]] = []

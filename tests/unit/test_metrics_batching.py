@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import asyncio
 
 import pytest
@@ -63,3 +64,24 @@ def test_without_an_event_loop_samples_are_recorded_at_once() -> None:
     m.observe_items("reranker", "bge", 10, None)
     assert sample(m, "erproxy_documents_total", {"model": "bge"}) == 10
     assert not sample(m, "erproxy_tokens_total", {"model": "bge", "kind": "reranker"})  # no usage: none counted
+
+
+def test_two_scrapes_forgetting_the_same_dead_worker_at_once_both_succeed(tmp_path, monkeypatch):
+    """Every worker sweeps the live gauges of dead ones before a scrape: two at once race to remove the
+    same files, and the one that loses must not fail its scrape (FileNotFoundError: a 500)."""
+    from erproxy import metrics as m
+
+    dead = tmp_path / "gauge_livesum_4000001.db"
+    dead.write_bytes(b"")
+    (tmp_path / "gauge_livemax_4000001.db").write_bytes(b"")
+    (tmp_path / "counter_4000001.db").write_bytes(b"")  # counters of dead workers stay: their counts count
+    real_remove = os.remove
+
+    def remove_twice(path):  # the other scrape removes it first
+        real_remove(path)
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(m.os, "remove", remove_twice)
+    monkeypatch.setattr(m, "_is_sibling", lambda pid: False)
+    m.forget_dead_workers(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_4000001.db"]
