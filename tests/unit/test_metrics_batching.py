@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import os
 import asyncio
+import os
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
