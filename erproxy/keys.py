@@ -206,6 +206,7 @@ def read_records(path: Path) -> list[KeyRecord]:
 
 def ensure_key_file(path: Path, name: str = "default") -> str | None:
     """Create the key file with one new key if it does not exist; return that key (else None)."""
+    check_name(name)
     with locked(path):
         if path.exists():
             read_records(path)  # validate: a corrupt file stops start-up and stays as it is
@@ -247,6 +248,7 @@ class KeyStore:
         self._saved_stamp: Stamp | None = None  # the stamp last copied to last_good_path
         self.error: str | None = None  # what is wrong with the file now; None when the last read was good
         self.last_good_load: float | None = None  # time.time() of the last good read
+        self._warned_names: set[str] = set()
 
     def _file_stamp(self) -> Stamp | None:
         try:
@@ -312,6 +314,20 @@ class KeyStore:
             return
         self._use(records, stamp)
         self._save_last_good(records)
+        self._warn_about_names(records)
+
+    def _warn_about_names(self, records: list[KeyRecord]) -> None:
+        """Names written by hand or by older versions that `keys create` now refuses: served as they are,
+        said once per name (a reserved one mixes its usage rows or metrics with another's)."""
+        for r in records:
+            if r.name in self._warned_names:
+                continue
+            try:
+                check_name(r.name)
+            except ValueError as e:
+                self._warned_names.add(r.name)
+                log.warning("key file: key %r is served, but its name should change (%s): create a key under a "
+                            "valid name and revoke this one", r.name, e)
 
     def _read_last_good(self) -> list[KeyRecord] | None:
         try:

@@ -218,21 +218,38 @@ def _s(v: Any) -> str:
 
 # KEYS: [1] the batch's mark, [2] the set of days; then per row its hash and its day's set of keys.
 # ARGV: [1] the mark's lifetime (s); then per row: its number of fields, key name, day, then field, value
-# pairs. Nothing is added when the mark exists: that batch was applied before (its reply was lost).
+# pairs. Nothing is added when the mark exists: that batch was applied before (its reply was lost). A
+# script is not rolled back when a command fails, so the keys' types are checked before anything is
+# written: a row whose hash or set holds another type (another program's data) is skipped, and its
+# number returned, and the rest is applied whole. Returns {applied (0 or 1), skipped rows...}.
 ADD_BATCH = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-local a = 2
+local function is(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  return t == 'none' or t == want
+end
+if not is(KEYS[2], 'set') then return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' is not a set') end
+local skipped = {}
+for k = 3, #KEYS, 2 do
+  if not (is(KEYS[k], 'hash') and is(KEYS[k + 1], 'set')) then skipped[(k - 1) / 2] = true end
+end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return {0} end
+local a, out = 2, {1}
 for k = 3, #KEYS, 2 do
   local n, name, day = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
   a = a + 3
-  redis.call('SADD', KEYS[k + 1], name)
-  redis.call('SADD', KEYS[2], day)
-  for _ = 1, n do
-    redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
-    a = a + 2
+  if skipped[(k - 1) / 2] then
+    out[#out + 1] = (k - 1) / 2
+    a = a + 2 * n
+  else
+    redis.call('SADD', KEYS[k + 1], name)
+    redis.call('SADD', KEYS[2], day)
+    for _ = 1, n do
+      redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+      a = a + 2
+    end
   end
 end
-return 1
+return out
 """
 BATCH_MARK_TTL_S = 86400  # a batch is retried within seconds; a day is far beyond any outage it survives
 
@@ -252,13 +269,19 @@ class RedisUsageStore:
     async def add(self, batch: dict[Slot, list[int]], batch_id: str) -> None:
         keys: list[str] = [f"{REDIS_PREFIX}:batch:{batch_id}", f"{REDIS_PREFIX}:days"]
         args: list[Any] = [BATCH_MARK_TTL_S]
-        for (key, model, day), values in batch.items():
+        rows = list(batch.items())
+        for (key, model, day), values in rows:
             fields = [(f"{name}:{model}", v) for name, v in zip(COUNTERS, values) if v]
             keys += [self._hash(day, key), f"{REDIS_PREFIX}:{day}:keys"]
             args += [len(fields), key, day]
             for f, v in fields:
                 args += [f, v]
-        await self._add(keys=keys, args=args)
+        reply = await self._add(keys=keys, args=args)
+        for row in reply[1:]:  # their keys hold another type in Redis: retrying would never succeed
+            (key, model, day), values = rows[int(row) - 1]
+            log.error("usage of key %r, model %r on %s (%d requests) cannot be recorded: Redis key %s or %s "
+                      "holds something else than the gateway's counters", key, model, day, values[0],
+                      self._hash(day, key), f"{REDIS_PREFIX}:{day}:keys")
 
     async def query(self, key: str | None = None, since: str | None = None, until: str | None = None,
                     model: str | None = None) -> list[UsageRow]:

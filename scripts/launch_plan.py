@@ -139,7 +139,11 @@ def parse_gpus(text: str) -> list[Gpu]:
 
 
 def query_gpus(nvidia_smi: str = "nvidia-smi") -> list[Gpu]:
-    limit = float(os.environ.get("NVIDIA_SMI_TIMEOUT") or 20)  # as scripts/common.sh's smi
+    raw = os.environ.get("NVIDIA_SMI_TIMEOUT") or "20"  # as scripts/common.sh's smi (which checked it)
+    try:
+        limit = float(raw)
+    except ValueError:
+        raise Refusal(f"NVIDIA_SMI_TIMEOUT must be a number of seconds such as 20, got {raw!r}") from None
     try:
         out = subprocess.run([nvidia_smi, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=limit)

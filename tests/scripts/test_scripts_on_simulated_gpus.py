@@ -312,3 +312,11 @@ def test_a_hung_nvidia_smi_neither_hangs_the_status_check_nor_lets_start_guess_t
     assert again.returncode != 0
     assert "nvidia-smi did not answer within 1 s" in again.stdout + again.stderr
     assert "VLLM_DEVICE=cpu" in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("value", ["20s", "abc", "0"])
+def test_a_bad_nvidia_smi_timeout_is_refused_by_name_not_read_as_no_gpu(sim, value) -> None:
+    s = sim("h100x2")
+    r = s.run("start_vllm_models.sh", "all", "--dry-run", timeout=60, VLLM_DEVICE="auto", NVIDIA_SMI_TIMEOUT=value)
+    assert r.returncode != 0 and "NVIDIA_SMI_TIMEOUT must be a number of seconds" in r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "device profile" not in r.stdout  # refused before choosing one

@@ -226,3 +226,20 @@ def test_rotating_a_revoked_key_is_refused_so_a_leaked_key_stays_dead(tmp_path):
 def test_expiry_durations_that_are_not_a_sane_number_are_refused_with_a_message(text):
     with pytest.raises(ValueError, match="duration"):
         keymod.parse_duration(text)
+
+
+def test_keys_init_checks_the_name_and_a_bad_name_already_in_a_file_is_served_with_a_warning(tmp_path, caplog):
+    with pytest.raises(ValueError, match="reserved"):
+        ensure_key_file(tmp_path / "a.json", "keys")
+    assert not (tmp_path / "a.json").exists()
+    path = tmp_path / "b.json"
+    keymod.create_key(path, "fine")
+    doc = json.loads(path.read_text())
+    doc["keys"][0]["name"] = "keys"  # written by an older version, or by hand
+    path.write_text(json.dumps(doc))
+    store = KeyStore(path)
+    store.load()
+    store.load()
+    warnings = [r for r in caplog.records if "should change" in r.getMessage()]
+    assert len(warnings) == 1 and "'keys'" in warnings[0].getMessage()
+    assert store.size == 1  # still served

@@ -199,3 +199,32 @@ async def test_a_batch_whose_reply_was_lost_is_counted_once_in_redis(tmp_path: P
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_a_row_whose_redis_key_holds_other_data_is_skipped_alone_and_the_batch_is_applied_once(tmp_path: Path,
+                                                                                                 caplog):
+    """Lua does not roll a script back: a WRONGTYPE half-way used to leave the rows before it applied, the
+    batch marked, and the rows after it lost without a word."""
+    from redis import asyncio as aioredis
+
+    from erproxy.usage import RedisUsageStore
+    from tests.procs import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    client = aioredis.Redis.from_url(server.url)
+    day = "2024-10-04"
+    try:
+        await client.set(f"erproxy:usage:{day}:bob", "another program's value")
+        usage = Usage(RedisUsageStore(client))
+        for name in ("alice", "bob", "carol"):
+            usage.record(name, "m", 200, 1, 5, 0, ts=86400.0 * 20000)
+        assert await usage.flush() is True
+        assert await usage.flush() is True  # nothing in doubt: the batch is done, bob's row given up
+        got = {(r.key, r.requests) for r in await RedisUsageStore(client).query(since=day, until=day, key="alice")}
+        got |= {(r.key, r.requests) for r in await RedisUsageStore(client).query(since=day, until=day, key="carol")}
+        assert got == {("alice", 1), ("carol", 1)}
+        assert await client.get(f"erproxy:usage:{day}:bob") == b"another program's value"
+        assert any("usage of key 'bob'" in rec.getMessage() for rec in caplog.records)
+    finally:
+        await client.aclose()
+        server.stop()
