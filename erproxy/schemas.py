@@ -44,6 +44,20 @@ class NullIsNotSent(BaseModel):
                 data = {k: v for k, v in data.items() if k not in nulls}
         return data
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
+        """The OpenAPI document says so: each such field also takes null."""
+        schema = handler(core_schema)
+        target = handler.resolve_ref_schema(schema)
+        properties = target.get("properties", {})
+        for name in _defaulted(cls):
+            prop = properties.get(name)
+            if prop is None or {"type": "null"} in prop.get("anyOf", ()):
+                continue
+            outer = {k: prop.pop(k) for k in ("title", "description", "default", "examples") if k in prop}
+            properties[name] = {"anyOf": [prop, {"type": "null"}], **outer}
+        return schema
+
 
 def _defaulted(cls: type[BaseModel]) -> tuple[str, ...]:
     """The fields of `cls` whose default is not None (cached on the class)."""
