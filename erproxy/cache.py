@@ -68,10 +68,13 @@ def _item_keys(context: list[Any], items: Iterable[str]) -> list[str]:
     except orjson.JSONEncodeError:  # a client's field nested deeper than orjson writes (protocol.client_json)
         raise bad_request("The request body nests arrays or objects too deep (more than about 250 levels).",
                           code="invalid_json") from None
+    # the prefix (a rerank query, a client's extra fields: of any size) is hashed once and the state copied
+    # per item: hashing it again for each of 2,048 items froze the event loop for seconds
+    shared = hashlib.blake2b(prefix, digest_size=20)
+    shared.update(b"\x00")
     out = []
     for item in items:
-        h = hashlib.blake2b(prefix, digest_size=20)
-        h.update(b"\x00")
+        h = shared.copy()
         h.update(item.encode())
         out.append(h.hexdigest())
     return out

@@ -89,9 +89,12 @@ class Forwarder:
         if len(bodies) == 1:
             return [check_status(await self(req, kind, model, path, bodies[0]), kind)]
 
+        # MAX_ANSWER_BYTES bounds what the request's answers add up to, whatever the number of parts
+        share = max(1, self.upstreams.max_answer_bytes // len(bodies))
+
         async def one(body: bytes) -> UpstreamResponse:
             t = time.perf_counter()
-            resp = check_status(await self.upstreams.post(kind, model, path, body), kind)
+            resp = check_status(await self.upstreams.post(kind, model, path, body, max_answer_bytes=share), kind)
             self.metrics.observe_upstream(kind, resp.replica.url, time.perf_counter() - t)
             return resp
 
@@ -147,6 +150,14 @@ async def all_or_first_error(coros: list[Awaitable[T]]) -> list[T]:
         for t in tasks:
             if not t.done():
                 t.cancel()
+            # the errors of the others are this request's too, and answered with the first: read them, or
+            # asyncio prints each as "Task exception was never retrieved" with a traceback on stderr
+            t.add_done_callback(_read_outcome)
+
+
+def _read_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class Handlers:

@@ -166,7 +166,7 @@ class HostPool:
         return None
 
     async def request(self, method: bytes, path: str, body: bytes, timeout: float,
-                      content_type: bytes = b"application/json") -> tuple[int, bytes]:
+                      content_type: bytes = b"application/json", limit: int | None = None) -> tuple[int, bytes]:
         """(status, body) of the answer; raises UpstreamError or asyncio.TimeoutError."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -175,6 +175,7 @@ class HostPool:
         conn = self._take_idle() or await self._connect(min(timeout, CONNECT_TIMEOUT_S))
         waiter = conn.waiter = loop.create_future()
         conn.received = 0
+        conn.limit = limit or self.max_answer_bytes
         head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (
             method, self.prefix, path.encode(), self.host_header, content_type, len(body))
         assert conn.transport is not None
@@ -217,8 +218,10 @@ class UpstreamClient:
                                                  max_answer_bytes=self.max_answer_bytes)
         return p
 
-    async def post(self, url: str, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
-        return await self.pool(url).request(b"POST", path, body, timeout)
+    async def post(self, url: str, path: str, body: bytes, timeout: float,
+                   limit: int | None = None) -> tuple[int, bytes]:
+        """`limit`: the most bytes this answer may have (default: the pool's max_answer_bytes)."""
+        return await self.pool(url).request(b"POST", path, body, timeout, limit=limit)
 
     def close(self) -> None:
         for p in self.pools.values():

@@ -323,8 +323,10 @@ class Upstreams(ReplicaSet):
                     strikes: int = 1) -> None:
         self.health.mark_failed(r, reason, probe, hung, strikes)
 
-    async def post(self, kind: str, model: str | None, path: str, body: bytes) -> UpstreamResponse:
-        """POST `body` to a replica serving `model`; map transport failures to 502/503/504."""
+    async def post(self, kind: str, model: str | None, path: str, body: bytes,
+                   max_answer_bytes: int | None = None) -> UpstreamResponse:
+        """POST `body` to a replica serving `model`; map transport failures to 502/503/504. `max_answer_bytes`:
+        this answer's bound when it is one part of a split request (its share of MAX_ANSWER_BYTES)."""
         candidates = self.candidates(kind, model)
         deadline = time.monotonic() + self.timeout
         tried: list[Replica] = []
@@ -339,7 +341,7 @@ class Upstreams(ReplicaSet):
             if remaining <= 0:
                 raise gateway_timeout(f"No answer from the {kind} upstream within TIMEOUT={self.timeout:g} s.")
             try:
-                resp = await self._post_once(r, path, body, remaining)
+                resp = await self._post_once(r, path, body, remaining, max_answer_bytes)
             except _ConnectionFailed as e:
                 failure = e
                 tried.append(r)
@@ -356,11 +358,12 @@ class Upstreams(ReplicaSet):
                               "Check that vLLM is running (./check_models_status.sh).", retry_after=1)
         raise unavailable(f"No healthy {kind} upstream for model `{model}`.", retry_after=1)
 
-    async def _post_once(self, r: Replica, path: str, body: bytes, timeout: float) -> UpstreamResponse:
+    async def _post_once(self, r: Replica, path: str, body: bytes, timeout: float,
+                         max_answer_bytes: int | None = None) -> UpstreamResponse:
         assert self.client is not None
         r.in_flight += 1
         try:
-            status, data = await self.client.post(r.url, path, body, timeout)
+            status, data = await self.client.post(r.url, path, body, timeout, max_answer_bytes)
         except asyncio.TimeoutError:
             if timeout >= self.timeout:  # a retry's leftover budget says nothing about the replica
                 self.mark_failed(r, f"no answer within {timeout:.3g} s", hung=True)
@@ -380,8 +383,9 @@ class Upstreams(ReplicaSet):
             self.mark_failed(r, str(e))
             raise bad_gateway(f"The upstream {r.url} answered something that is not valid HTTP.") from None
         except AnswerTooLarge:  # this request's answer (or a runaway upstream): the replica stays in rotation
-            raise bad_gateway(f"The upstream {r.url} answered more than MAX_ANSWER_BYTES={self.max_answer_bytes} "
-                              "bytes; the answer was dropped.", code="upstream_answer_too_large") from None
+            raise bad_gateway(f"The answer from the upstream {r.url} is larger than MAX_ANSWER_BYTES="
+                              f"{self.max_answer_bytes} bytes allow (a split request's parts share the bound); "
+                              "it was dropped.", code="upstream_answer_too_large") from None
         finally:
             r.in_flight -= 1
         if r.drops or r.drop_ejections:

@@ -158,3 +158,32 @@ async def test_an_upstream_answer_over_max_answer_bytes_is_502_and_the_replica_k
     assert small.status_code == 200
     replicas = (await gw.get("/health")).json()["upstreams"]["embedding"]["replicas"]
     assert replicas[0]["healthy"] is True  # a large answer is that request's, not a broken replica
+
+
+async def test_max_answer_bytes_bounds_a_split_request_whole_not_each_part(fakes, fake_rerank, make_gateway):
+    """Split across three replicas, each part's answer was checked alone: the same request passed with three
+    healthy replicas and failed with one. The parts now share the bound."""
+    replicas = [await fakes.start("embed") for _ in range(3)]
+    gw = await make_gateway(embed=",".join(r.url for r in replicas), rerank=fake_rerank.url,
+                            SPLIT_EMBEDDING_INPUTS="4", MAX_ANSWER_BYTES="64KiB")
+    texts = [f"text number {i}" for i in range(12)]  # 12 vectors of 384 floats: ~96 KB, ~32 KB a part
+    r = await gw.post("/v1/embeddings", headers=gw.auth(), json={"model": "minilm", "input": texts})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_answer_too_large", r.text
+    small = await gw.post("/v1/embeddings", headers=gw.auth(), json={"model": "minilm", "input": texts[:6]})
+    assert small.status_code == 200 and len(small.json()["data"]) == 6
+
+
+async def test_parts_failing_together_leave_no_never_retrieved_error_on_stderr(fakes, fake_rerank, make_gateway,
+                                                                              caplog):
+    import gc
+
+    replicas = [await fakes.start("embed") for _ in range(3)]
+    gw = await make_gateway(embed=",".join(r.url for r in replicas), rerank=fake_rerank.url,
+                            SPLIT_EMBEDDING_INPUTS="2", HEALTH_INTERVAL="60")
+    for fake in replicas:
+        fake.set_mode("error500")
+    r = await gw.post("/v1/embeddings", headers=gw.auth(), json={"model": "minilm", "input": [f"t{i}" for i in range(6)]})
+    assert r.status_code == 502
+    await asyncio.sleep(0.1)
+    gc.collect()
+    assert not [rec for rec in caplog.records if "never retrieved" in rec.getMessage()]

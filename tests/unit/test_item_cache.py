@@ -5,6 +5,7 @@ import json
 import random
 import struct
 
+import orjson
 import pytest
 
 from erproxy.cache import BYPASS, REFRESH, USE, ItemCache, cache_mode, embedding_keys, rerank_keys
@@ -105,3 +106,27 @@ def test_float_texts_cuts_vllms_answer_without_parsing_numbers():
     assert float_texts(vllm_json(doc), 2) is None  # more vectors than inputs
     assert float_texts(vllm_json({**doc, "data": doc["data"][:2]}), 3) is None
     assert float_texts(b'{"object":"list","data":[{"embedding":[1.0],"index":0}]}', 1) is None  # other order
+
+
+def test_a_long_query_is_hashed_once_per_request_not_once_per_document(monkeypatch):
+    """A 4 MB query with 2,048 documents was hashed 2,048 times on the event loop (10 s, every other
+    client stalled). The keys must stay what they were: cached entries keep serving."""
+    import hashlib
+
+    from erproxy import cache
+
+    calls = []
+    blake2b = hashlib.blake2b
+
+    def counting_blake2b(data=b"", **kw):
+        calls.append(len(data))
+        return blake2b(data, **kw)
+
+    monkeypatch.setattr(cache.hashlib, "blake2b", counting_blake2b)
+    query, docs = "q" * 100_000, [f"doc {i}" for i in range(2048)]
+    keys = rerank_keys("m", "root", None, query, docs, {})
+    assert len(calls) == 1
+    monkeypatch.undo()
+    prefix = orjson.dumps(["r", "m", "root", None, query, {}], option=orjson.OPT_SORT_KEYS)
+    one_by_one = [hashlib.blake2b(prefix + b"\x00" + d.encode(), digest_size=20).hexdigest() for d in docs]
+    assert keys == one_by_one

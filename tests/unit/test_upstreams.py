@@ -81,7 +81,7 @@ class _DroppingClient:
         self.reused = False
         self.answers = False
 
-    async def post(self, url, path, body, timeout):
+    async def post(self, url, path, body, timeout, limit=None):
         if self.answers:
             return 200, b"{}"
         raise ConnectionDropped("connection closed before a complete answer", reused=self.reused)
