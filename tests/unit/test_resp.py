@@ -60,19 +60,24 @@ async def test_scripts_are_loaded_on_connect_and_sent_again_after_noscript(serve
         await client.close()
 
 
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    """Until a server listens on the loopback port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
 async def test_password_and_database_from_the_url(tmp_path):
     port = free_port()
     p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                           "--requirepass", "s3cret", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        wait_for_port(port)
         good = RespClient(f"redis://:s3cret@127.0.0.1:{port}/3")
         assert await good.call(b"SET", "where", "db3") == b"OK"
         await good.close()
@@ -159,14 +164,7 @@ async def test_rediss_urls_verify_and_present_certificates_as_redis_py_does(tmp_
     base = f"rediss://127.0.0.1:{port}/0"
     mtls = f"{base}?ssl_ca_certs={ca[0]}&ssl_certfile={cli[0]}&ssl_keyfile={cli[1]}"
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        wait_for_port(port)
         assert redis.Redis.from_url(mtls).ping()  # what the gateway's redis-py clients do with the URL
         good = RespClient(mtls)
         assert await good.call(b"PING") == b"PONG"  # the client certificate is presented
