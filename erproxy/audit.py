@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from .settings import Settings
-from .util import utc_now
+from .util import open_as_folder_owner, utc_now
 
 AUDIT_FILE = "key_audit.log"
 
@@ -20,7 +20,7 @@ AUDIT_FILE = "key_audit.log"
 def _open(settings: Settings) -> int:
     path = Path(settings.log_dir) / AUDIT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    return open_as_folder_owner(str(path), os.O_WRONLY | os.O_APPEND, 0o640)
 
 
 def audit_ready(settings: Settings) -> None:

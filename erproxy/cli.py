@@ -143,7 +143,7 @@ def serve(settings: Settings) -> int:
     try:
         new_key = ensure_key_file(keys_path)
         records = read_records(keys_path)
-    except KeyFileError as e:
+    except (KeyFileError, OSError) as e:  # OSError: a lock file it may not open (made by another user)
         log.error("cannot start: %s", e)
         return 2
     if new_key:

@@ -244,6 +244,7 @@ class KeyStore:
         self._revoked_elsewhere = revoked_elsewhere or frozenset
         self._by_hash: dict[str, KeyRecord] = {}
         self._identities: dict[str, Identity] = {}
+        self._retired: dict[str, KeyRecord] = {}  # hashes of secrets replaced by keys rotate
         self._stamp: Stamp | None = None
         self._saved_stamp: Stamp | None = None  # the stamp last copied to last_good_path
         self.error: str | None = None  # what is wrong with the file now; None when the last read was good
@@ -273,6 +274,7 @@ class KeyStore:
 
     def _use(self, records: list[KeyRecord], stamp: Stamp | None) -> None:
         self._by_hash = {r.hash: r for r in records}
+        self._retired = {h: r for r in records for h in (r.extra.get("retired_hashes") or ()) if isinstance(h, str)}
         self._identities = {
             r.hash: Identity(r.name, r.prefix, r.rate_limit, tuple(r.models) if r.models else None, r.hash[7:39],
                               _text(r.extra.get("token_limit")))
@@ -309,7 +311,7 @@ class KeyStore:
                 return
             if stamp is not None:
                 raise
-            self._by_hash, self._identities, self._stamp = {}, {}, None
+            self._by_hash, self._identities, self._retired, self._stamp = {}, {}, {}, None
             self.error = str(e)
             return
         self._use(records, stamp)
@@ -370,6 +372,9 @@ class KeyStore:
         h = hash_key(key)
         record = self._by_hash.get(h)
         if record is None:
+            if h in self._retired:  # "has been revoked": a 401 that is not counted as a guess (auth_throttle)
+                return ("This API key has been revoked: it was replaced by a new one (keys rotate). Ask the "
+                        "operator for the new key.")
             return "Invalid API key. Check the key you pass as 'Authorization: Bearer <key>' or '?api_key='."
         if record.revoked or h in self._revoked_elsewhere():
             return f"API key {record.prefix}… has been revoked. Ask the operator for a new key."
@@ -402,6 +407,7 @@ def parse_duration(text: str) -> float:
 
 
 MAX_DURATION_S = 100 * 365.25 * 86400
+RETIRED_KEPT = 5  # hashes of a key's replaced secrets remembered (keys rotate)
 # A name shows in logs, metrics and usage rows; `keys` would be the Redis usage index of a day
 # (erproxy:usage:DAY:keys) and `access_token` is ACCESS_TOKEN's own name.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -467,6 +473,10 @@ def rotate_key(path: Path, name: str) -> tuple[str, KeyRecord, str]:
                            "instead (keys create --name NEW)")
         old_hash = record.hash
         key = generate_key()
+        # the old secret's hash is kept (a few): a client still sending it is told it was replaced, and is
+        # not counted as guessing keys, which would lock out every client at its address
+        retired = record.extra.get("retired_hashes")
+        record.extra["retired_hashes"] = [old_hash, *(retired if isinstance(retired, list) else [])][:RETIRED_KEPT]
         record.hash, record.prefix, record.revoked = hash_key(key), display_prefix(key), False
         record.extra["rotated_at"] = utc_now()
         write_key_file(path, records)

@@ -18,10 +18,26 @@ def utc_now() -> str:
     return iso_utc()
 
 
+def open_as_folder_owner(path: str, flags: int, mode: int) -> int:
+    """`os.open(path, flags | O_CREAT, mode)`; a file this call creates while running as root gets the owner
+    of its folder: a gateway running as a service user must still open the lock and log files that a
+    `keys` command run as root created in that user's folders."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return os.open(path, flags | os.O_CREAT, mode)
+    if os.geteuid() == 0:
+        folder = os.stat(os.path.dirname(os.path.abspath(path)))
+        if folder.st_uid != 0:
+            with contextlib.suppress(OSError):
+                os.fchown(fd, folder.st_uid, folder.st_gid)
+    return fd
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str, mode: int = 0o600) -> Iterator[None]:
     """Hold an exclusive advisory lock (flock) on `lock_path`, created with `mode` if missing."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, mode)
+    fd = open_as_folder_owner(lock_path, os.O_RDWR, mode)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

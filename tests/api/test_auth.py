@@ -62,3 +62,21 @@ async def test_key_revoked_in_file_is_refused_without_restart(make_gateway):
         await asyncio.sleep(0.1)
     r = await post_embed()
     assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+
+
+async def test_a_client_still_sending_a_rotated_keys_old_secret_is_told_and_locks_out_nobody(make_gateway):
+    """After `keys rotate`, a client not yet given the new secret keeps sending the old one: each is a 401
+    saying the key was replaced, never counted as guessing keys (that would lock out its whole address)."""
+    from erproxy.keys import rotate_key
+
+    gw = await make_gateway(key_names=("svc", "other-team"), AUTH_FAILURE_LIMIT="3")
+    old, other = gw.keys["svc"], gw.keys["other-team"]
+    new, _, _ = rotate_key(Path(gw.env["API_KEYS_FILE"]), "svc")
+    deadline = time.monotonic() + 3
+    while (await gw.get("/v1/models", headers=gw.auth(old))).status_code == 200 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    for _ in range(6):
+        r = await gw.get("/v1/models", headers=gw.auth(old))
+        assert r.status_code == 401 and "replaced by a new one" in r.json()["error"]["message"]
+    assert (await gw.get("/v1/models", headers=gw.auth(other))).status_code == 200
+    assert (await gw.get("/v1/models", headers=gw.auth(new))).status_code == 200

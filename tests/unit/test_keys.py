@@ -243,3 +243,36 @@ def test_keys_init_checks_the_name_and_a_bad_name_already_in_a_file_is_served_wi
     warnings = [r for r in caplog.records if "should change" in r.getMessage()]
     assert len(warnings) == 1 and "'keys'" in warnings[0].getMessage()
     assert store.size == 1  # still served
+
+
+def test_lock_and_audit_files_a_root_run_command_creates_belong_to_their_folders_owner(tmp_path, monkeypatch):
+    """A `keys` command run as root in a service user's folders must not leave a root-owned lock file or
+    audit log behind: the gateway (and that user's next `keys` command) could no longer open them."""
+    from erproxy import util
+    from erproxy.audit import audit
+    from erproxy.settings import Settings
+
+    keys_dir, log_dir = tmp_path / "data", tmp_path / "logs"
+    keys_dir.mkdir()
+    log_dir.mkdir()
+    if os.geteuid() == 0:  # a real service user's folders
+        for d in (keys_dir, log_dir):
+            os.chown(d, 65534, 65534)
+        owner = (65534, 65534)
+    else:  # play root: the folders are this user's
+        owner = (os.getuid(), os.getgid())
+    given: dict[str, tuple[int, int]] = {}
+
+    def recording_fchown(fd, uid, gid):
+        given[os.readlink(f"/proc/self/fd/{fd}")] = (uid, gid)
+
+    monkeypatch.setattr(util.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(util.os, "fchown", recording_fchown)
+    keymod.create_key(keys_dir / "er_api_keys.json", "team-a")
+    audit(Settings.from_env({"LOG_DIR": str(log_dir), "API_KEYS_FILE": str(keys_dir / "er_api_keys.json")},
+                            env_file=""), "create", "team-a")
+    assert given[str(keys_dir / "er_api_keys.json.lock")] == owner
+    assert given[str(log_dir / "key_audit.log")] == owner
+    given.clear()
+    keymod.create_key(keys_dir / "er_api_keys.json", "team-b")  # the lock exists now: left as it is
+    assert str(keys_dir / "er_api_keys.json.lock") not in given
