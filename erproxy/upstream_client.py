@@ -12,7 +12,7 @@ cancelled, timed out or failed is closed, never reused. Failures are typed for u
 `ConnectFailed` (refused, unreachable: the replica is down), `ConnectionDropped` (closed before a
 complete answer: e.g. a keep-alive connection the server had just closed; `reused` says whether the
 connection had served a request before), `InvalidResponse` (not HTTP), `AnswerTooLarge` (more bytes
-than the pool's `max_answer_bytes`: the connection is closed before they fill the gateway's memory),
+than the request's `limit`: the connection is closed before they fill the gateway's memory),
 and `asyncio.TimeoutError`.
 """
 
@@ -61,7 +61,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "parser", "waiter", "chunks", "closed", "keep_alive", "idle_since", "received",
                  "limit", "reused")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
@@ -70,7 +70,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = True
         self.idle_since = 0.0
         self.received = 0  # bytes of the answer under way (head and body)
-        self.limit = limit
+        self.limit = 0  # set by each request (HostPool.request)
         self.reused = False  # has answered a request before
 
     # -- asyncio.Protocol --
@@ -128,7 +128,7 @@ class _Connection(asyncio.Protocol):
 class HostPool:
     """Keep-alive connections to one upstream (`scheme://host:port[/prefix]`)."""
 
-    def __init__(self, url: str, *, idle_timeout: float, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
+    def __init__(self, url: str, *, idle_timeout: float) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"upstream URL must be http:// or https://, got {url!r}")
@@ -140,7 +140,6 @@ class HostPool:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = (host if default_port else f"{host}:{self.port}").encode()
         self.idle_timeout = idle_timeout
-        self.max_answer_bytes = max_answer_bytes
         self.idle: deque[_Connection] = deque()
 
     async def _connect(self, timeout: float) -> _Connection:
@@ -148,7 +147,7 @@ class HostPool:
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self.max_answer_bytes), self.host, self.port, ssl=self.ssl,
+                    _Connection, self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None)
         except TimeoutError:  # (an OSError too) a host that is gone: no answer, not even a refusal
             raise ConnectFailed(OSError(errno.ETIMEDOUT, f"no connection within {timeout:g} s")) from None
@@ -166,8 +165,9 @@ class HostPool:
         return None
 
     async def request(self, method: bytes, path: str, body: bytes, timeout: float,
-                      content_type: bytes = b"application/json", limit: int | None = None) -> tuple[int, bytes]:
-        """(status, body) of the answer; raises UpstreamError or asyncio.TimeoutError."""
+                      content_type: bytes = b"application/json", limit: int = DEFAULT_MAX_ANSWER_BYTES
+                      ) -> tuple[int, bytes]:
+        """(status, body) of the answer, of at most `limit` bytes; raises UpstreamError or asyncio.TimeoutError."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         # connecting gets a few seconds of the budget: a host that is down or cut off does not answer at
@@ -175,7 +175,7 @@ class HostPool:
         conn = self._take_idle() or await self._connect(min(timeout, CONNECT_TIMEOUT_S))
         waiter = conn.waiter = loop.create_future()
         conn.received = 0
-        conn.limit = limit or self.max_answer_bytes
+        conn.limit = limit
         head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (
             method, self.prefix, path.encode(), self.host_header, content_type, len(body))
         assert conn.transport is not None
@@ -206,21 +206,19 @@ class HostPool:
 class UpstreamClient:
     """One HostPool per upstream URL."""
 
-    def __init__(self, *, idle_timeout: float, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
+    def __init__(self, *, idle_timeout: float) -> None:
         self.idle_timeout = idle_timeout
-        self.max_answer_bytes = max_answer_bytes
         self.pools: dict[str, HostPool] = {}
 
     def pool(self, url: str) -> HostPool:
         p = self.pools.get(url)
         if p is None:
-            p = self.pools[url] = HostPool(url, idle_timeout=self.idle_timeout,
-                                                 max_answer_bytes=self.max_answer_bytes)
+            p = self.pools[url] = HostPool(url, idle_timeout=self.idle_timeout)
         return p
 
     async def post(self, url: str, path: str, body: bytes, timeout: float,
-                   limit: int | None = None) -> tuple[int, bytes]:
-        """`limit`: the most bytes this answer may have (default: the pool's max_answer_bytes)."""
+                   limit: int = DEFAULT_MAX_ANSWER_BYTES) -> tuple[int, bytes]:
+        """`limit`: the most bytes the answer may have (Upstreams passes MAX_ANSWER_BYTES or a part's share)."""
         return await self.pool(url).request(b"POST", path, body, timeout, limit=limit)
 
     def close(self) -> None:

@@ -311,7 +311,7 @@ class Upstreams(ReplicaSet):
     async def start(self) -> None:
         # Requests go through upstream_client.py (keep-alive, no compression asked: bodies pass as bytes);
         # health checks keep their own aiohttp session (HealthChecks).
-        self.client = UpstreamClient(idle_timeout=UPSTREAM_KEEPALIVE_S, max_answer_bytes=self.max_answer_bytes)
+        self.client = UpstreamClient(idle_timeout=UPSTREAM_KEEPALIVE_S)
         await self.health.start()
 
     async def close(self) -> None:
@@ -363,7 +363,7 @@ class Upstreams(ReplicaSet):
         assert self.client is not None
         r.in_flight += 1
         try:
-            status, data = await self.client.post(r.url, path, body, timeout, max_answer_bytes)
+            status, data = await self.client.post(r.url, path, body, timeout, max_answer_bytes or self.max_answer_bytes)
         except asyncio.TimeoutError:
             if timeout >= self.timeout:  # a retry's leftover budget says nothing about the replica
                 self.mark_failed(r, f"no answer within {timeout:.3g} s", hung=True)

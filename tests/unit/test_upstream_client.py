@@ -136,18 +136,18 @@ async def test_an_endless_answer_is_cut_at_the_size_bound_not_read_until_the_tim
             return resp
 
     runner, url, seen = await aiohttp_server(endless)
-    client = UpstreamClient(idle_timeout=4.0, max_answer_bytes=1 << 20)
+    client = UpstreamClient(idle_timeout=4.0)
     try:
         t0 = asyncio.get_running_loop().time()
         with pytest.raises(AnswerTooLarge):
-            await client.post(url, "/x", b"{}", 30.0)
+            await client.post(url, "/x", b"{}", 30.0, limit=1 << 20)
         assert asyncio.get_running_loop().time() - t0 < 10
         assert not client.pool(url).idle  # the connection is closed, never reused
         # an answer under the bound still comes back whole on a new connection
-        small = UpstreamClient(idle_timeout=4.0, max_answer_bytes=1 << 20)
+        small = UpstreamClient(idle_timeout=4.0)
         runner2, url2, _ = await aiohttp_server(lambda request: _sized(900_000))
         try:
-            status, body = await small.post(url2, "/x", b"{}", 5.0)
+            status, body = await small.post(url2, "/x", b"{}", 5.0, limit=1 << 20)
             assert status == 200 and len(body) == 900_000
         finally:
             small.close()
