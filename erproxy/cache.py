@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import orjson
 
 from .asgi import Request
-from .errors import bad_request
+from .protocol import client_json
 
 log = logging.getLogger("erproxy.cache")
 
@@ -63,11 +63,7 @@ def _fields(fields: dict[str, Any]) -> dict[str, Any]:
 
 def _item_keys(context: list[Any], items: Iterable[str]) -> list[str]:
     """One key per item: a hash of what every item shares (`context`) and the item's own text."""
-    try:
-        prefix = orjson.dumps(context, option=orjson.OPT_SORT_KEYS)
-    except orjson.JSONEncodeError:  # a client's field nested deeper than orjson writes (protocol.client_json)
-        raise bad_request("The request body nests arrays or objects too deep (more than about 250 levels).",
-                          code="invalid_json") from None
+    prefix = client_json(context, option=orjson.OPT_SORT_KEYS)  # a client's fields: too deep is its 400
     # the prefix (a rerank query, a client's extra fields: of any size) is hashed once and the state copied
     # per item: hashing it again for each of 2,048 items froze the event loop for seconds
     shared = hashlib.blake2b(prefix, digest_size=20)

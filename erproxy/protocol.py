@@ -19,7 +19,7 @@ from .schemas import RerankRequest as RerankModel
 from .schemas import request_error
 
 
-def client_json(doc: Any) -> bytes:
+def client_json(doc: Any, option: int | None = None) -> bytes:
     """`orjson.dumps` of what a client sent (or the gateway built around it: an upstream body, a cache key).
 
     orjson reads JSON nested up to 1,024 levels but writes at most 254: a body nested in between was
@@ -27,7 +27,7 @@ def client_json(doc: Any) -> bytes:
     cost to the bodies that are fine.
     """
     try:
-        return orjson.dumps(doc)
+        return orjson.dumps(doc, option=option)
     except orjson.JSONEncodeError:
         raise bad_request("The request body nests arrays or objects too deep (more than about 250 levels).",
                           code="invalid_json") from None
