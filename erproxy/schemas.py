@@ -15,6 +15,7 @@ Fields vLLM understands beyond OpenAI's (`truncate_prompt_tokens`, `priority`,
 
 from __future__ import annotations
 
+import functools
 from itertools import takewhile
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -59,14 +60,11 @@ class NullIsNotSent(BaseModel):
         return schema
 
 
+@functools.cache
 def _defaulted(cls: type[BaseModel]) -> tuple[str, ...]:
-    """The fields of `cls` whose default is not None (cached on the class)."""
-    found = cls.__dict__.get("_defaulted_fields")
-    if found is None:
-        found = tuple(f.alias or name for name, f in cls.model_fields.items() if f.default is not None
-                      and not f.is_required())
-        setattr(cls, "_defaulted_fields", found)
-    return found  # type: ignore[no-any-return]
+    """The fields of `cls` whose default is not None."""
+    return tuple(f.alias or name for name, f in cls.model_fields.items() if f.default is not None
+                 and not f.is_required())
 
 
 class _Request(NullIsNotSent):
